@@ -1,0 +1,63 @@
+"""The ``diffulex`` command: ``diffulex generate`` (offline) — the server command joins it later."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from diffulex.config import ConfigError, parse_override
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diffulex: serve diffusion LMs.")
+
+
+@app.callback()
+def main() -> None:
+    """Diffulex: a serving engine for diffusion language models."""
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeatable).")],
+    model: Annotated[Optional[str], typer.Option(help="Checkpoint folder; default: the bundled model.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML launch config.")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Engine option override key=value (repeatable).")] = [],  # noqa: B006
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    steps: Annotated[Optional[int], typer.Option(help="Total denoising steps (default: max_tokens).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Confidence-threshold unmasking.")] = None,
+    ignore_eos: Annotated[bool, typer.Option(help="Always return max_tokens tokens.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
+) -> None:
+    """Generate a completion for each --prompt and print it."""
+    from diffulex.llm import LLM
+    from diffulex.sampling_params import SamplingParams
+
+    try:
+        overrides = dict(parse_override(item) for item in set_)
+        llm = LLM(model, config=config, overrides=overrides)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, steps=steps, threshold=threshold, ignore_eos=ignore_eos
+        )
+        outputs = llm.generate(list(prompt), params)
+    except (ConfigError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    for text, output in zip(prompt, outputs):
+        if as_json:
+            record = {
+                "prompt": text,
+                "text": output.text,
+                "token_ids": output.token_ids,
+                "finish_reason": output.finish_reason,
+                "num_forwards": output.num_forwards,
+            }
+            typer.echo(json.dumps(record))
+        else:
+            typer.echo(output.text if output.text is not None else " ".join(map(str, output.token_ids)))
+
+
+if __name__ == "__main__":
+    app()

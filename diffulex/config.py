@@ -1,0 +1,103 @@
+"""Launch configuration: pydantic models that reject unknown keys and name the bad one.
+
+``EngineConfig`` is what the engine needs; it loads from YAML (``configs/*.yaml``), keyword arguments and
+``--set key=value`` overrides, in that order of increasing priority.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+StrategyName = str  # validated against the strategy registry by the engine (the registry lives above)
+DTypeName = Literal["auto", "float32", "float16", "bfloat16", "float64"]
+
+
+class ConfigError(ValueError):
+    """A launch option is unknown or has a bad value; the message names the key."""
+
+
+class EngineConfig(BaseModel):
+    """Everything the engine is launched with. Defaults are the documented defaults (docs/configuration.md)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str = Field(description="Path to a Hugging Face checkpoint folder (config.json + safetensors).")
+    dtype: DTypeName = Field("auto", description="auto = bfloat16 on CUDA, float32 on CPU.")
+    device: str = Field("auto", description="auto = cuda when available, else cpu.")
+    strategy: StrategyName | None = Field(None, description="Decoding strategy; None = the family default.")
+    block_size: int | None = Field(None, ge=1, description="Tokens per diffusion block; None = family default.")
+    buffer_size: int | None = Field(
+        None, ge=1, description="Blocks in flight per request; None = strategy default (multi_bd 2, d2f all)."
+    )
+    page_size: int = Field(32, ge=1, description="Tokens per KV-cache page; a multiple of block_size.")
+    kv_cache_memory_gb: float = Field(1.0, gt=0, description="Memory for K/V pages (CPU or GPU).")
+    num_kv_pages: int | None = Field(None, ge=1, description="Exact page count (overrides the budget).")
+    max_num_reqs: int = Field(64, ge=1, description="Most requests running at once.")
+    max_num_batched_tokens: int = Field(16384, ge=1, description="Most query tokens in one step.")
+    max_model_len: int | None = Field(None, ge=1, description="Longest prompt+output; None = model max.")
+    max_waiting_reqs: int = Field(4096, ge=1, description="Waiting-queue limit; beyond it add_request fails.")
+    enable_prefix_caching: bool = Field(True, description="Share full prompt pages across requests.")
+    enforce_eager: bool = Field(False, description="Never capture CUDA graphs.")
+    seed: int = Field(0, description="Default seed for requests without one.")
+    # Strategy knobs (named as in the official code).
+    cache_mode: Literal["prefix", "dual"] = Field("prefix", description="fast_dllm: prefix or dual cache.")
+    block_add_threshold: float = Field(0.1, ge=0, le=1, description="d2f/multi_bd: add a block at this fraction.")
+    decoded_token_threshold: float = Field(
+        0.95, ge=0, le=1, description="d2f/multi_bd: a block is fully active once its predecessor reaches this."
+    )
+    remasking: Literal["static", "dynamic", "sequential"] | None = Field(
+        None, description="block_diffusion (SDAR) rule; None = dynamic with a threshold, else static."
+    )
+    vanilla_schedule: Literal["auto", "llada", "dream"] = Field(
+        "auto", description="vanilla: LLaDA per-block even split or Dream linspace schedule; auto = family."
+    )
+    mask_token_id: int | None = Field(None, description="Override the checkpoint's mask token id.")
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> EngineConfig:
+        if self.block_size is not None and self.page_size % self.block_size != 0:
+            raise ValueError(
+                f"page_size ({self.page_size}) must be a multiple of block_size ({self.block_size})"
+            )
+        return self
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "config"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            parts.append(f"'{key}': {item['msg']}")
+    return "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` → (key, YAML-parsed value), so ``--set block_size=8`` gives an int."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_engine_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, **kwargs: Any
+) -> EngineConfig:
+    """Build an EngineConfig from an optional YAML file, then keyword arguments, then overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values")
+        data.update(loaded.get("engine", loaded))
+    data.update({k: v for k, v in kwargs.items() if v is not None})
+    data.update(overrides or {})
+    try:
+        return EngineConfig(**data)
+    except ValidationError as error:
+        raise ConfigError(f"invalid engine config: {_describe(error)}") from None

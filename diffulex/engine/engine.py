@@ -1,0 +1,230 @@
+"""The engine: the step loop that ties scheduler, strategy and runner together.
+
+One ``step()``: the scheduler picks the requests (admission, preemption), the strategy plans each
+request's query, the engine packs them into one StepPlan, the runner executes it, the strategy applies
+the predictions, and the engine finishes requests (stop conditions, errors) and frees their pages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any
+
+from diffulex.config import EngineConfig
+from diffulex.engine.kv_cache import KVCacheManager
+from diffulex.engine.model_runner import ModelRunner
+from diffulex.engine.scheduler import Scheduler
+from diffulex.engine.stop_checker import find_stop
+from diffulex.models.loader import load_tokenizer
+from diffulex.request import Request, RequestOutput, RequestStatus
+from diffulex.sampling_params import SamplingParams
+from diffulex.step import SequencePlan, StepPlan
+from diffulex.strategies import StrategyOptions, create_strategy
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at ``max_waiting_reqs``; retry later."""
+
+
+class Engine:
+    """Owns the runner, the KV-cache manager, the scheduler, the strategy and every live request."""
+
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None):
+        self.config = config
+        self.runner = runner or ModelRunner(config)
+        spec = self.runner.spec
+        self.spec = spec
+        self.max_model_len = self.runner.max_model_len
+        self.mask_token_id = config.mask_token_id if config.mask_token_id is not None else spec.mask_token_id
+        self.eos_token_ids = tuple(spec.eos_token_ids)
+        self.strategy_name = config.strategy or spec.default_strategy
+        block_size = config.block_size or spec.default_block_size
+        if config.page_size % block_size != 0:
+            raise ValueError(f"page_size ({config.page_size}) must be a multiple of block_size ({block_size})")
+        schedule = spec.vanilla_schedule if config.vanilla_schedule == "auto" else config.vanilla_schedule
+        self.strategy = create_strategy(
+            self.strategy_name,
+            StrategyOptions(
+                block_size=block_size,
+                buffer_size=config.buffer_size,
+                page_size=config.page_size,
+                native_attention=spec.native_attention,
+                vanilla_schedule=schedule,
+                cache_mode=config.cache_mode,
+                block_add_threshold=config.block_add_threshold,
+                decoded_token_threshold=config.decoded_token_threshold,
+                remasking=config.remasking,
+            ),
+        )
+        self.block_size = block_size
+        self.kv_cache = KVCacheManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache, self.strategy, config.max_num_reqs, config.max_num_batched_tokens)
+        self.tokenizer = load_tokenizer(config.model)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    # ----- requests -----------------------------------------------------------------------------------
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        """Validate and enqueue a request; bad input raises ValueError and changes nothing."""
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.spec.vocab_size
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        if self.scheduler.num_waiting >= self.config.max_waiting_reqs:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_reqs} requests)")
+        seed = params.seed if params.seed is not None else hash((self.config.seed, request_id)) & 0xFFFF_FFFF
+        request = Request(
+            request_id=request_id,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            mask_token_id=self.mask_token_id,
+            eos_token_ids=self.eos_token_ids,
+            seed=seed,
+        )
+        self.strategy.validate(request)
+        total = request.num_prompt + self.strategy.generation_length(request)
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({request.num_prompt} tokens) plus the generation region ({total - request.num_prompt} "
+                f"tokens) exceeds max_model_len ({self.max_model_len})"
+            )
+        if self.kv_cache.pages_for(total) > self.kv_cache.num_pages:
+            raise ValueError(
+                f"the request needs {self.kv_cache.pages_for(total)} KV pages but the cache has "
+                f"{self.kv_cache.num_pages}; raise kv_cache_memory_gb or lower max_tokens"
+            )
+        request.buffer.capacity = self.strategy.buffer_capacity(request)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its pages (no-op for unknown or finished ids)."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return None
+        return self._finish(request, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ----- one step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the requests that finished in it."""
+        schedule = self.scheduler.schedule()
+        requests = schedule.scheduled
+        if not requests:
+            return []
+        finished: list[RequestOutput] = []
+        plans: list[SequencePlan] = []
+        for request in list(requests):
+            try:
+                plans.append(self.strategy.plan(request))
+            except Exception as error:  # a strategy bug fails one request, never the engine
+                logger.exception("planning failed for %s", request.request_id)
+                requests.remove(request)
+                finished.append(self._fail(request, f"planning failed: {error}"))
+        if not requests:
+            return finished
+        step_plan = StepPlan.pack(
+            plans, [r.page_table for r in requests], self.config.page_size, self.spec.shift_logits
+        )
+        try:
+            output = self.runner.execute(step_plan, self.mask_token_id)
+        except Exception as error:
+            logger.exception("model step failed for %d requests", len(requests))
+            return finished + [self._fail(r, f"model step failed: {error}") for r in requests]
+        self.num_steps += 1
+        uncond = set(step_plan.cfg_pairs.values())
+        outputs = [out for index, out in enumerate(output.sequences) if index not in uncond]
+        for request, plan, seq_output in zip(requests, plans, outputs):
+            request.num_forwards += 2 if plan.uncond is not None else 1
+            request.num_steps += 1
+            if seq_output.failed:
+                finished.append(self._fail(request, "the model produced NaN logits"))
+                continue
+            try:
+                self._advance_cache(request, plan)
+                done = self.strategy.update(request, seq_output)
+            except Exception as error:
+                logger.exception("update failed for %s", request.request_id)
+                finished.append(self._fail(request, f"update failed: {error}"))
+                continue
+            result = self._check_finished(request, done)
+            if result is not None:
+                finished.append(result)
+        return finished
+
+    def _advance_cache(self, request: Request, plan: SequencePlan) -> None:
+        low, high = plan.store_range
+        if high > low:
+            request.num_cached = max(request.num_cached, plan.positions[high - 1] + 1)
+            if self.strategy.uses_prefix_cache:
+                self.kv_cache.register(request, request.num_cached)
+
+    def _check_finished(self, request: Request, done: bool) -> RequestOutput | None:
+        limit = min(request.decoded_prefix_end(), request.num_prompt + request.params.max_tokens)
+        cut = find_stop(request, limit, self.tokenizer)
+        if cut is not None:
+            return self._finish(request, "stop", request.tokens[request.num_prompt : cut])
+        if done:
+            end = request.num_prompt + request.params.max_tokens
+            return self._finish(request, "length", request.tokens[request.num_prompt : end])
+        return None
+
+    def _fail(self, request: Request, message: str) -> RequestOutput:
+        request.error = message
+        return self._finish(request, "error")
+
+    def _finish(self, request: Request, reason: str, token_ids: list[int] | None = None) -> RequestOutput:
+        self.scheduler.finish(request)
+        request.finish_reason = reason
+        request.finish_time = time.monotonic()
+        request.output_ids = list(token_ids or [])
+        self.requests.pop(request.request_id, None)
+        text = None
+        if self.tokenizer is not None and request.output_ids:
+            text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+        elif self.tokenizer is not None:
+            text = ""
+        if request.stop_text_cut is not None and text is not None:
+            text = text[: request.stop_text_cut]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_ids,
+            token_ids=request.output_ids,
+            finish_reason=reason,
+            num_forwards=request.num_forwards,
+            text=text,
+            error=request.error,
+            num_preemptions=request.num_preemptions,
+            num_prefix_hit_tokens=request.num_prefix_hit,
+            latency_s=request.finish_time - request.arrival_time,
+        )
+
+    # ----- introspection ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_waiting": self.scheduler.num_waiting,
+            "num_running": self.scheduler.num_running,
+            "kv_pages_total": self.kv_cache.num_pages,
+            "kv_pages_free": self.kv_cache.num_free_pages,
+            "prefix_hit_rate": self.kv_cache.prefix_hit_rate,
+            "num_steps": self.num_steps,
+        }
+
+
+__all__ = ["Engine", "QueueFullError", "RequestStatus"]

@@ -1,0 +1,172 @@
+"""The ModelRunner: owns the device, the model, the K/V tensors; turns a StepPlan into a StepOutput.
+
+It copies the plan into tensors, installs the per-step attention context, runs the model, computes
+logits only at the sampled rows (one row earlier for shifted-logit families), and samples on the device,
+so only token ids and confidences come back to the host. The CUDA-graph and Triton paths slot in here
+without changing what goes in or out.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from diffulex.config import EngineConfig
+from diffulex.layers.attention import Attention
+from diffulex.layers.context import AttentionContext, set_context, single_sequence_context
+from diffulex.models.loader import load_model
+from diffulex.models.registry import ModelSpec
+from diffulex.sampling.confidence import sample_tokens
+from diffulex.step import SampleSpec, SequenceOutput, StepOutput, StepPlan
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class ModelRunner:
+    """Runs steps of the model over the paged KV cache (see module docstring)."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model, self.spec = load_model(config.model, self.dtype, self.device)
+        self.model.eval()
+        self.page_size = config.page_size
+        self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
+        self.num_pages = self._num_pages(self.max_model_len)
+        self._allocate_kv_cache()
+
+    # ----- set-up -------------------------------------------------------------------------------------
+    def _bytes_per_page(self) -> int:
+        spec: ModelSpec = self.spec
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * spec.num_layers * self.page_size * spec.num_kv_heads * spec.head_dim * element
+
+    def _num_pages(self, max_model_len: int) -> int:
+        if self.config.num_kv_pages is not None:
+            return self.config.num_kv_pages
+        budget = int(self.config.kv_cache_memory_gb * (1 << 30)) // self._bytes_per_page()
+        # Never more than every request at full length needs: keeps tiny models from reserving gigabytes.
+        useful = self.config.max_num_reqs * (-(-max_model_len // self.page_size)) + 1
+        return max(1, min(budget, useful))
+
+    def _allocate_kv_cache(self) -> None:
+        spec = self.spec
+        shape = (2, spec.num_layers, self.num_pages, self.page_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        if len(layers) != spec.num_layers:
+            raise RuntimeError(f"model has {len(layers)} attention layers, config says {spec.num_layers}")
+        for index, layer in enumerate(layers):
+            layer.k_cache = self.kv_cache[0, index]
+            layer.v_cache = self.kv_cache[1, index]
+
+    # ----- one step -----------------------------------------------------------------------------------
+    def _context(self, plan: StepPlan) -> AttentionContext:
+        width = max((len(t) for t in plan.page_tables), default=0)
+        tables = None
+        if width:
+            padded = np.full((len(plan.page_tables), width), -1, dtype=np.int32)
+            for row, table in enumerate(plan.page_tables):
+                padded[row, : len(table)] = table
+            tables = torch.from_numpy(padded).to(self.device)
+        return AttentionContext(
+            cu_seqlens_q=plan.cu_seqlens,
+            block_ids=torch.from_numpy(plan.block_ids).to(self.device),
+            context_lens=plan.context_lens,
+            context_holes=plan.context_holes,
+            page_tables=tables,
+            slot_mapping=torch.from_numpy(plan.slot_mapping).to(self.device),
+        )
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, mask_token_id: int) -> StepOutput:
+        input_ids = torch.from_numpy(plan.input_ids).to(self.device)
+        positions = torch.from_numpy(plan.positions).to(self.device)
+        set_context(self._context(plan))
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            set_context(None)
+        rows = torch.from_numpy(plan.sample_rows).to(self.device)
+        logits = self.model.compute_logits(hidden[rows]) if rows.numel() else hidden.new_zeros(0, 1)
+        return self._sample(plan, logits, mask_token_id)
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor, mask_token_id: int) -> StepOutput:
+        cu = plan.cu_samples
+        bad_rows = torch.isnan(logits).any(dim=-1) if logits.numel() else None
+        uncond_of = set(plan.cfg_pairs.values())
+        outputs: list[SequenceOutput] = []
+        # Sequences that sample alike (greedy, same policy) are sampled in one call.
+        groups: dict[tuple, list[int]] = {}
+        for index, seq in enumerate(plan.sequences):
+            spec = seq.sample
+            if index in uncond_of or cu[index + 1] == cu[index]:
+                continue
+            if spec.temperature == 0 and spec.policy != "random" and index not in plan.cfg_pairs:
+                key = (spec.policy, spec.softmax_dtype, spec.top_k, spec.top_p)
+                groups.setdefault(key, []).append(index)
+        results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for members in groups.values():
+            rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in members]).to(logits.device)
+            ids, conf = sample_tokens(logits[rows], plan.sequences[members[0]].sample, mask_token_id)
+            offset = 0
+            for i in members:
+                count = cu[i + 1] - cu[i]
+                results[i] = (ids[offset : offset + count], conf[offset : offset + count])
+                offset += count
+        for index, seq in enumerate(plan.sequences):
+            if index in uncond_of or index in results or cu[index + 1] == cu[index]:
+                continue
+            seq_logits = logits[cu[index] : cu[index + 1]]
+            if index in plan.cfg_pairs:
+                twin = plan.cfg_pairs[index]
+                uncond = logits[cu[twin] : cu[twin + 1]]
+                scale = seq.sample.cfg_scale
+                seq_logits = uncond + (scale + 1) * (seq_logits - uncond)
+            results[index] = sample_tokens(seq_logits, seq.sample, mask_token_id)
+        bad = bad_rows.cpu().numpy() if bad_rows is not None else np.zeros(0, dtype=bool)
+        empty_ids, empty_conf = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        for index in range(len(plan.sequences)):
+            if index not in results:
+                outputs.append(SequenceOutput(empty_ids, empty_conf))
+                continue
+            ids, conf = results[index]
+            failed = bool(bad[cu[index] : cu[index + 1]].any())
+            if index in plan.cfg_pairs:
+                twin = plan.cfg_pairs[index]
+                failed = failed or bool(bad[cu[twin] : cu[twin + 1]].any())
+            outputs.append(SequenceOutput(ids.cpu().numpy(), conf.cpu().numpy(), failed=failed))
+        return StepOutput(outputs)
+
+    # ----- research API -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def full_logits(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
+        """Raw float32 logits ``[len, vocab]`` of one full forward without any cache."""
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        positions = torch.arange(len(token_ids), device=self.device)
+        set_context(single_sequence_context(len(token_ids), self.device, torch.tensor(block_ids)))
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            set_context(None)
+        return self.model.compute_logits(hidden).float().cpu()
+
+
+__all__ = ["ModelRunner", "SampleSpec", "resolve_device", "resolve_dtype"]

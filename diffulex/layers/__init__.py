@@ -1,0 +1,1 @@
+"""Shared neural-network layers: attention over the paged cache, linear, norms, RoPE, MLP."""

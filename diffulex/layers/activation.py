@@ -1,0 +1,20 @@
+"""SwiGLU's gate: ``silu(gate) * up``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for separate gate and up projections (same shape)."""
+    return F.silu(gate) * up
+
+
+class SiluAndMul(nn.Module):
+    """``silu(x[..., :d]) * x[..., d:]`` for a fused gate|up projection of width ``2 d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return silu_and_mul(gate, up)

@@ -1,0 +1,210 @@
+"""SDAR (JetLM/SDAR-1.7B/4B/8B-Chat): block diffusion on the Qwen3 architecture.
+
+The official checkpoints (``model_type`` "sdar", architectures ``SDARForCausalLM``) use Qwen3's layout and
+names: ``model.embed_tokens``, ``model.layers.{i}.self_attn.{q,k,v,o}_proj`` with per-head RMSNorms
+``q_norm``/``k_norm`` applied to q and k before RoPE, ``mlp.{gate,up,down}_proj``, ``input_layernorm``,
+``post_attention_layernorm``, ``model.norm`` and ``lm_head`` (tied to the embedding with
+``tie_word_embeddings``). Our modules carry exactly those names, so the name map is the identity.
+Attention is block-causal (a token sees its own block and every earlier one); logits are not shifted.
+The released configs carry no mask id (some fine-tuning configs add ``mask_token_id`` and ``block_size``,
+which override the family defaults below).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffulex.layers.activation import silu_and_mul
+from diffulex.layers.attention import Attention
+from diffulex.layers.linear import Linear, batch_invariant_linear
+from diffulex.layers.norm import RMSNorm
+from diffulex.layers.rotary import RotaryEmbedding
+from diffulex.models.registry import (
+    ModelSpec,
+    load_mapped_weights,
+    merge_token_ids,
+    register_model,
+    token_ids,
+)
+
+# Ids of the official (Qwen3-derived) SDAR tokenizer, used when the config leaves them out.
+SDAR_MASK_TOKEN_ID = 151669  # <|MASK|>
+SDAR_ENDOFTEXT_ID = 151643  # <|endoftext|>: eos and pad of the config
+SDAR_IM_END_ID = 151645  # <|im_end|>: chat turns end with it (generation_config lists it first)
+SDAR_DEFAULT_BLOCK_SIZE = 4
+
+
+def _head_dim(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+
+
+def _check_supported(cfg: dict[str, Any]) -> None:
+    """Refuse options that would change the computation in ways this module does not implement."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise NotImplementedError(f"SDAR config hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')")
+    rope_scaling = cfg.get("rope_scaling")
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
+        raise NotImplementedError(f"SDAR config rope_scaling={rope_scaling!r} is not supported")
+    if cfg.get("use_sliding_window"):
+        raise NotImplementedError("SDAR config use_sliding_window=true is not supported")
+
+
+class SDARAttention(nn.Module):
+    """Self-attention with per-head q/k RMSNorm before RoPE (Qwen3), GQA through the paged attention."""
+
+    def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding):
+        super().__init__()
+        hidden_size = int(cfg["hidden_size"])
+        self.num_heads = int(cfg["num_attention_heads"])
+        self.num_kv_heads = int(cfg.get("num_key_value_heads") or self.num_heads)
+        self.head_dim = _head_dim(cfg)
+        bias = bool(cfg.get("attention_bias", False))
+        eps = float(cfg.get("rms_norm_eps", 1e-6))
+        # head_dim * num_heads need not equal hidden_size (SDAR-4B: 32 x 128 = 4096 vs 2560).
+        self.q_proj = Linear(hidden_size, self.num_heads * self.head_dim, bias)
+        self.k_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias)
+        self.v_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden_size, bias)
+        self.q_norm = RMSNorm(self.head_dim, eps)  # over each head's channels, not the whole projection
+        self.k_norm = RMSNorm(self.head_dim, eps)
+        self.rotary_emb = rotary
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        query = self.q_norm(self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim))
+        key = self.k_norm(self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim))
+        value = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        query, key = self.rotary_emb(positions, query, key)
+        attended = self.attn(query, key, value).reshape(num_tokens, self.num_heads * self.head_dim)
+        return self.o_proj(attended)
+
+
+class SDARMLP(nn.Module):
+    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        hidden_size, intermediate = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+        self.gate_proj = Linear(hidden_size, intermediate)
+        self.up_proj = Linear(hidden_size, intermediate)
+        self.down_proj = Linear(intermediate, hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_proj(hidden), self.up_proj(hidden)))
+
+
+class SDARDecoderLayer(nn.Module):
+    """One pre-norm decoder layer: attention and MLP, each added to the residual stream."""
+
+    def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding):
+        super().__init__()
+        hidden_size, eps = int(cfg["hidden_size"]), float(cfg.get("rms_norm_eps", 1e-6))
+        self.self_attn = SDARAttention(cfg, rotary)
+        self.mlp = SDARMLP(cfg)
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class SDARModel(nn.Module):
+    """Embedding, decoder layers and final norm: token ids and positions in, final hidden states out."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        hidden_size, vocab_size = int(cfg["hidden_size"]), int(cfg["vocab_size"])
+        # `_weight` skips nn.Embedding's random init: the checkpoint overwrites it anyway.
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size))
+        head_dim = _head_dim(cfg)
+        rotary = RotaryEmbedding(head_dim, head_dim, float(cfg.get("rope_theta", 1_000_000.0)))
+        self.layers = nn.ModuleList(SDARDecoderLayer(cfg, rotary) for _ in range(int(cfg["num_hidden_layers"])))
+        self.norm = RMSNorm(hidden_size, float(cfg.get("rms_norm_eps", 1e-6)))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden)
+        return self.norm(hidden)
+
+
+@register_model("sdar", "SDARForCausalLM")
+class SDARForCausalLM(nn.Module):
+    """The SDAR language model: ``forward`` gives hidden states of the packed step, ``compute_logits`` logits.
+
+    Owns the model and its LM head (tied to the embedding when ``tie_word_embeddings``; the loader calls
+    ``tie_weights`` before loading). ``spec`` holds the engine-facing facts.
+    """
+
+    family = "sdar"
+
+    def __init__(self, hf_config: dict[str, Any]):
+        super().__init__()
+        _check_supported(hf_config)
+        self.spec = self.spec_from_config(hf_config)
+        self.model = SDARModel(hf_config)
+        self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size)
+        self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
+
+    @classmethod
+    def spec_from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
+        """SDAR's engine-facing facts from its HF config (official ids where the config has none)."""
+        generation = cfg.get("generation_config", {})
+        eos_ids = token_ids(cfg.get("eos_token_id")) or (SDAR_ENDOFTEXT_ID,)
+        vocab_size = int(cfg["vocab_size"])
+        # Chat turns end with <|im_end|>: the official generation_config lists it, add it when that is absent.
+        official_im_end = (SDAR_IM_END_ID,) if SDAR_ENDOFTEXT_ID in eos_ids and vocab_size > SDAR_IM_END_ID else ()
+        mask_id = cfg.get("mask_token_id")
+        pad_id = cfg.get("pad_token_id", generation.get("pad_token_id"))
+        return ModelSpec(
+            family=cls.family,
+            hidden_size=int(cfg["hidden_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=int(cfg["num_attention_heads"]),
+            num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+            head_dim=_head_dim(cfg),
+            vocab_size=vocab_size,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+            mask_token_id=int(mask_id) if mask_id is not None else SDAR_MASK_TOKEN_ID,
+            eos_token_ids=merge_token_ids(eos_ids, token_ids(generation.get("eos_token_id")), official_im_end),
+            pad_token_id=int(pad_id) if pad_id is not None else eos_ids[0],
+            shift_logits=False,
+            native_attention="block_causal",
+            default_strategy="block_diffusion",
+            default_block_size=int(cfg.get("block_size") or SDAR_DEFAULT_BLOCK_SIZE),
+            vanilla_schedule="llada",  # unshifted, one-block-at-a-time schedule if run with `vanilla`
+        )
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``input_ids [T]``, ``positions [T]`` (packed tokens of the step) -> final hidden ``[T, hidden]``."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [N, hidden]`` -> logits ``[N, vocab_size]`` in the model dtype."""
+        return batch_invariant_linear(hidden, self.lm_head.weight)
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head (``tie_word_embeddings``)."""
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the official tensors in (same names); raises ``WeightLoadError`` listing any mismatch."""
+        tied = self.tie_word_embeddings
+        load_mapped_weights(
+            self,
+            named_tensors,
+            lambda name: name,
+            # A tied checkpoint may still carry the head: the embedding is authoritative, as in HF.
+            ignored=lambda name: tied and name == "lm_head.weight",
+        )
+
+    @staticmethod
+    def official_name(local_name: str) -> str:
+        """Our parameter name -> the official checkpoint name (identical for SDAR)."""
+        return local_name

@@ -1,0 +1,287 @@
+"""Tiny random checkpoints in the official layout of each family, for tests and CPU demos.
+
+A checkpoint folder written here looks like the published one (``config.json`` with the official field
+names, safetensors with the official tensor names, optionally sharded with an index, a
+``generation_config.json`` and a tokenizer), only small: the real loading path is what runs on it. The
+tokenizer is character-level (printable ASCII, tab, newline) plus the family's special tokens, padded with
+reserved special tokens up to the model's vocabulary so that every id the model can emit decodes.
+Weights are random but not flat: embeddings, norms and head are scaled so that logits are peaky and
+confidences differ between positions, which is what decoding strategies need to be exercised.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+FAMILIES = ("llada", "sdar")
+CHARACTERS = ["\t", "\n", *[chr(code) for code in range(32, 127)]]  # ids 0..96
+
+# Special tokens after the characters, as in the official tokenizers (names as there); the first is unk.
+_SPECIAL_TOKENS = {
+    "llada": [
+        "<|unk|>",
+        "<|startoftext|>",
+        "<|endoftext|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+        "<|mdm_mask|>",
+    ],
+    "sdar": ["<|unk|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|MASK|>"],
+}
+_CHAT_TEMPLATES = {
+    "llada": (
+        "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>"
+        "\n\n{{ message['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+    "sdar": (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+}
+
+
+def special_token_ids(family: str) -> dict[str, int]:
+    """Special token -> id in the tiny tokenizer of ``family`` (same ids whether or not it is written)."""
+    return {token: len(CHARACTERS) + index for index, token in enumerate(_SPECIAL_TOKENS[_check_family(family)])}
+
+
+def _check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"no tiny checkpoint for family {family!r}; families: {', '.join(FAMILIES)}")
+    return family
+
+
+def _llada_config(ids: dict[str, int]) -> dict[str, Any]:
+    return {
+        "architectures": ["LLaDAModelLM"],
+        "model_type": "llada",
+        "activation_type": "silu",
+        "alibi": False,
+        "attention_layer_norm": False,
+        "bias_for_layer_norm": False,
+        "block_group_size": 1,
+        "block_type": "llama",
+        "d_model": 64,
+        "embedding_size": 256,
+        "vocab_size": 256,
+        "eos_token_id": ids["<|endoftext|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "mask_token_id": ids["<|mdm_mask|>"],
+        "include_bias": False,
+        "include_qkv_bias": False,
+        "input_emb_norm": False,
+        "layer_norm_type": "rms",
+        "layer_norm_with_affine": True,
+        "max_sequence_length": 4096,
+        "mlp_hidden_size": 128,
+        "mlp_ratio": 4,
+        "multi_query_attention": None,
+        "n_heads": 4,
+        "n_kv_heads": 4,
+        "n_layers": 2,
+        "rms_norm_eps": 1e-05,
+        "rope": True,
+        "rope_full_precision": True,
+        "rope_theta": 500000.0,
+        "scale_logits": False,
+        "weight_tying": False,
+        "torch_dtype": "float32",
+    }
+
+
+def _sdar_config(ids: dict[str, int]) -> dict[str, Any]:
+    return {
+        "architectures": ["SDARForCausalLM"],
+        "model_type": "sdar",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|endoftext|>"],
+        "mask_token_id": ids["<|MASK|>"],  # the released configs lack it; the tiny vocab needs its own id
+        "block_size": 4,
+        "head_dim": 32,  # 4 x 32 = 128 != hidden 64, as in SDAR-4B (heads x head_dim != hidden)
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "max_position_embeddings": 32768,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "vocab_size": 256,
+        "torch_dtype": "float32",
+    }
+
+
+def _generation_config(family: str, ids: dict[str, int]) -> dict[str, Any]:
+    if family == "llada":
+        eos, bos = [ids["<|endoftext|>"], ids["<|eot_id|>"]], ids["<|startoftext|>"]
+    else:
+        eos, bos = [ids["<|im_end|>"], ids["<|endoftext|>"]], ids["<|endoftext|>"]
+    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": ids["<|endoftext|>"]}
+
+
+def _llada_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    d_model, heads = cfg["d_model"], cfg["n_heads"]
+    kv_dim = (cfg["n_kv_heads"] or heads) * (d_model // heads)
+    mlp, vocab = cfg["mlp_hidden_size"], cfg["embedding_size"] or cfg["vocab_size"]
+    shapes: dict[str, tuple[int, ...]] = {"model.transformer.wte.weight": (vocab, d_model)}
+    for layer in range(cfg["n_layers"]):
+        prefix = f"model.transformer.blocks.{layer}"
+        shapes |= {
+            f"{prefix}.attn_norm.weight": (d_model,),
+            f"{prefix}.q_proj.weight": (d_model, d_model),
+            f"{prefix}.k_proj.weight": (kv_dim, d_model),
+            f"{prefix}.v_proj.weight": (kv_dim, d_model),
+            f"{prefix}.attn_out.weight": (d_model, d_model),
+            f"{prefix}.ff_norm.weight": (d_model,),
+            f"{prefix}.ff_proj.weight": (mlp, d_model),
+            f"{prefix}.up_proj.weight": (mlp, d_model),
+            f"{prefix}.ff_out.weight": (d_model, mlp),
+        }
+        biased = ["q_proj", "k_proj", "v_proj"] if cfg["include_bias"] or cfg["include_qkv_bias"] else []
+        if cfg["include_bias"]:
+            biased += ["attn_out", "ff_proj", "up_proj", "ff_out"]
+        shapes |= {f"{prefix}.{name}.bias": (shapes[f"{prefix}.{name}.weight"][0],) for name in biased}
+    shapes["model.transformer.ln_f.weight"] = (d_model,)
+    if not cfg["weight_tying"]:
+        shapes["model.transformer.ff_out.weight"] = (vocab, d_model)
+        if cfg["include_bias"]:
+            shapes["model.transformer.ff_out.bias"] = (vocab,)
+    return shapes
+
+
+def _sdar_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    hidden, head_dim, vocab = cfg["hidden_size"], cfg["head_dim"], cfg["vocab_size"]
+    q_dim, kv_dim = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    mlp = cfg["intermediate_size"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for layer in range(cfg["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}"
+        shapes |= {
+            f"{prefix}.input_layernorm.weight": (hidden,),
+            f"{prefix}.self_attn.q_proj.weight": (q_dim, hidden),
+            f"{prefix}.self_attn.k_proj.weight": (kv_dim, hidden),
+            f"{prefix}.self_attn.v_proj.weight": (kv_dim, hidden),
+            f"{prefix}.self_attn.o_proj.weight": (hidden, q_dim),
+            f"{prefix}.self_attn.q_norm.weight": (head_dim,),
+            f"{prefix}.self_attn.k_norm.weight": (head_dim,),
+            f"{prefix}.post_attention_layernorm.weight": (hidden,),
+            f"{prefix}.mlp.gate_proj.weight": (mlp, hidden),
+            f"{prefix}.mlp.up_proj.weight": (mlp, hidden),
+            f"{prefix}.mlp.down_proj.weight": (hidden, mlp),
+        }
+        if cfg["attention_bias"]:
+            shapes |= {f"{prefix}.self_attn.{n}_proj.bias": (shapes[f"{prefix}.self_attn.{n}_proj.weight"][0],) for n in "qkvo"}
+    shapes["model.norm.weight"] = (hidden,)
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if "norm" in name or name.endswith("ln_f.weight"):
+        return 1.0 + 0.1 * noise  # near 1, yet different per channel so a skipped norm weight shows
+    if name.endswith(".bias"):
+        return 0.05 * noise
+    if name in ("model.transformer.wte.weight", "model.embed_tokens.weight"):
+        return noise  # unit-scale embeddings: the input tokens matter against the layers' updates
+    if name in ("model.transformer.ff_out.weight", "lm_head.weight"):
+        return 0.3 * noise  # logits of std ~0.3 sqrt(hidden): peaky, confidences spread over (0, 1)
+    return noise / shape[-1] ** 0.5  # projections: unit-variance outputs for unit-variance inputs
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, shards: int) -> None:
+    if shards <= 1:
+        save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = list(tensors)
+    per_shard = -(-len(names) // shards)
+    weight_map: dict[str, str] = {}
+    for shard in range(shards):
+        file_name = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        chunk = {name: tensors[name] for name in names[shard * per_shard : (shard + 1) * per_shard]}
+        save_file(chunk, str(out_dir / file_name), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(chunk, file_name)
+    total_size = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_tokenizer(family: str, vocab_size: int, ids: dict[str, int], out_dir: Path) -> None:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = list(ids)
+    reserved = [f"<|reserved_{index}|>" for index in range(vocab_size - len(CHARACTERS) - len(specials))]
+    vocab = {token: index for index, token in enumerate([*CHARACTERS, *specials, *reserved])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one char each
+    tokenizer.decoder = decoders.Fuse()  # join characters back without separators
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials + reserved])
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    # Written by hand rather than by save_pretrained, whose output depends on the transformers version
+    # (v5 names its own backend class and moves the template out): this one loads with 4.45 and later.
+    named = {
+        "llada": {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+        "sdar": {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+    }[family]
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **named,
+        "unk_token": "<|unk|>",
+        "mask_token": "<|mdm_mask|>" if family == "llada" else "<|MASK|>",
+        "model_max_length": 1 << 20,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": _CHAT_TEMPLATES[family],
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def write_tiny_checkpoint(
+    family: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    with_tokenizer: bool = True,
+    shards: int = 1,
+    **config_overrides: Any,
+) -> Path:
+    """Write a tiny random ``family`` checkpoint into ``out_dir`` (created) and return its path.
+
+    ``config_overrides`` replace fields of the config by their official names (e.g. ``n_kv_heads=2``,
+    ``weight_tying=True``, ``num_hidden_layers=3``); ``shards > 1`` writes
+    ``model-0000k-of-0000N.safetensors`` files and ``model.safetensors.index.json``.
+    """
+    ids = special_token_ids(family)
+    config = (_llada_config if family == "llada" else _sdar_config)(ids) | config_overrides
+    vocab_key = "embedding_size" if family == "llada" and config.get("embedding_size") else "vocab_size"
+    needed = len(CHARACTERS) + len(ids)
+    if config[vocab_key] < needed:
+        raise ValueError(f"{vocab_key}={config[vocab_key]} is below the tiny tokenizer's {needed} tokens")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(_generation_config(family, ids), indent=2) + "\n")
+
+    shapes = (_llada_tensor_shapes if family == "llada" else _sdar_tensor_shapes)(config)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {name: _random_tensor(name, shape, generator) for name, shape in shapes.items()}
+    _write_safetensors(tensors, out, shards)
+    if with_tokenizer:
+        _write_tokenizer(family, config[vocab_key], ids, out)
+    return out
+
+
+__all__ = ["CHARACTERS", "FAMILIES", "special_token_ids", "write_tiny_checkpoint"]

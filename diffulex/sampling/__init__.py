@@ -1,0 +1,1 @@
+"""Unmasking policies: how logits become (token, confidence), and which positions a step commits."""

@@ -1,0 +1,128 @@
+"""``block_diffusion``: SDAR / Fast-dLLM-v2 style, one block at a time over a block-causal KV cache.
+
+Blocks are absolute (``position // block_size``) and the generation region ends at the block boundary
+after ``prompt + max_tokens`` (SDAR's ``ceil((P+gen)/B)·B``; the output is cut to ``max_tokens``). The
+prompt's full blocks are prefilled in one block-causal forward (skipped where the prefix cache already
+holds them); a partial last prompt block becomes the first decoded block with its prompt tokens fixed.
+Each block is denoised with its K/V not stored (steps from ``even_schedule(B, steps_per_block)``), then
+one more forward over the finished block stores its K/V (SDAR's ``store_kv`` forward, counted).
+Remasking: ``static`` = top-k of the schedule count; ``dynamic`` = every token with confidence strictly
+above ``threshold`` when there are at least the schedule count of them, else top-k; ``sequential`` = the
+first masks in order. The count is clipped to the block's remaining masks (SDAR would overwrite prompt
+tokens of a partial block otherwise).
+"""
+
+from __future__ import annotations
+
+from diffulex.request import Request
+from diffulex.sampling.selection import even_schedule, select_above, select_top_k
+from diffulex.step import SequenceOutput, SequencePlan
+from diffulex.strategies.base import Strategy, register_strategy
+
+DEFAULT_DYNAMIC_THRESHOLD = 0.9
+
+
+@register_strategy
+class BlockDiffusionStrategy(Strategy):
+    """SDAR block diffusion (see module docstring)."""
+
+    name = "block_diffusion"
+    fixed_shape = True
+    uses_prefix_cache = True
+
+    def _region_end(self, request: Request) -> int:
+        total = request.num_prompt + request.params.max_tokens
+        return -(-total // self.block_size) * self.block_size
+
+    def _prefill_end(self, request: Request) -> int:
+        return request.num_prompt // self.block_size * self.block_size
+
+    def _remasking(self, request: Request) -> str:
+        if self.options.remasking is not None:
+            return self.options.remasking
+        return "dynamic" if request.params.threshold is not None else "static"
+
+    def generation_length(self, request: Request) -> int:
+        return self._region_end(request) - request.num_prompt
+
+    def prefix_cacheable_len(self, request: Request) -> int:
+        return self._prefill_end(request)
+
+    def start(self, request: Request) -> None:
+        super().start(request)
+        params = request.params
+        num_blocks = (self._region_end(request) - self._prefill_end(request)) // self.block_size
+        steps = self.block_size if params.steps is None else max(1, params.steps // num_blocks)
+        request.strategy_state.update(steps_per_block=steps, step=0, schedule=even_schedule(self.block_size, steps))
+
+    def _current_block(self, request: Request) -> tuple[int, int]:
+        start = request.num_cached // self.block_size * self.block_size
+        return start, start + self.block_size
+
+    def _phase(self, request: Request) -> str:
+        if request.num_cached < self._prefill_end(request):
+            return "prefill"
+        start, end = self._current_block(request)
+        return "denoise" if self.masked_positions(request, max(start, request.num_prompt), end) else "store"
+
+    def plan(self, request: Request) -> SequencePlan:
+        phase = self._phase(request)
+        request.strategy_state["phase"] = phase
+        if phase == "prefill":
+            query_start, query_end = request.num_cached, self._prefill_end(request)
+        else:
+            query_start, query_end = self._current_block(request)
+        positions = list(range(query_start, query_end))
+        candidates = (
+            self.masked_positions(request, max(query_start, request.num_prompt), query_end)
+            if phase == "denoise"
+            else []
+        )
+        request.strategy_state["candidates"] = candidates
+        return SequencePlan(
+            request_id=request.request_id,
+            token_ids=request.tokens[query_start:query_end],
+            positions=positions,
+            block_ids=[p // self.block_size for p in positions],
+            context_len=query_start,
+            store_range=(0, len(positions)) if phase != "denoise" else (0, 0),
+            sample_indices=[p - query_start for p in candidates],
+            sample=self.sample_spec(request),
+        )
+
+    def num_query_tokens(self, request: Request) -> int:
+        if request.num_cached < self._prefill_end(request):
+            return self._prefill_end(request) - request.num_cached
+        return self.block_size
+
+    def kv_tokens_needed(self, request: Request) -> int:
+        if request.num_cached < self._prefill_end(request):
+            return self._prefill_end(request)
+        return self._current_block(request)[1]
+
+    def update(self, request: Request, output: SequenceOutput) -> bool:
+        state = request.strategy_state
+        phase = state["phase"]
+        if phase == "prefill":
+            return False
+        if phase == "store":
+            # The engine has advanced num_cached past the stored block: next block, fresh schedule.
+            state["step"] = 0
+            return request.num_cached >= self._region_end(request)
+        candidates: list[int] = state["candidates"]
+        count = min(state["schedule"][min(state["step"], len(state["schedule"]) - 1)], len(candidates))
+        rule = self._remasking(request)
+        if rule == "sequential":
+            chosen = list(range(count))
+            for index in chosen:
+                request.tokens[candidates[index]] = int(output.token_ids[index])
+        else:
+            chosen_arr = select_top_k(output.confidences, count)
+            if rule == "dynamic":
+                threshold = request.params.threshold
+                above = select_above(output.confidences, DEFAULT_DYNAMIC_THRESHOLD if threshold is None else threshold)
+                if above.shape[0] >= count:
+                    chosen_arr = above
+            self.commit(request, candidates, output, chosen_arr)
+        state["step"] += 1
+        return False
