@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,13 +21,15 @@ def main() -> None:
 @app.command()
 def generate(
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeatable).")],
-    model: Annotated[Optional[str], typer.Option(help="Checkpoint folder; default: the bundled model.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML launch config.")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="Engine option override key=value (repeatable).")] = [],  # noqa: B006
+    model: Annotated[str | None, typer.Option(help="Checkpoint folder; default: the bundled model.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML launch config.")] = None,
+    set_: Annotated[
+        list[str], typer.Option("--set", help="Engine option override key=value (repeatable).")
+    ] = [],  # noqa: B006
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    steps: Annotated[Optional[int], typer.Option(help="Total denoising steps (default: max_tokens).")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Confidence-threshold unmasking.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Total denoising steps (default: max_tokens).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Confidence-threshold unmasking.")] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Always return max_tokens tokens.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
 ) -> None:
@@ -39,7 +41,11 @@ def generate(
         overrides = dict(parse_override(item) for item in set_)
         llm = LLM(model, config=config, overrides=overrides)
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, steps=steps, threshold=threshold, ignore_eos=ignore_eos
+            max_tokens=max_tokens,
+            temperature=temperature,
+            steps=steps,
+            threshold=threshold,
+            ignore_eos=ignore_eos,
         )
         outputs = llm.generate(list(prompt), params)
     except (ConfigError, ValueError) as error:

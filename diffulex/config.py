@@ -29,7 +29,9 @@ class EngineConfig(BaseModel):
     dtype: DTypeName = Field("auto", description="auto = bfloat16 on CUDA, float32 on CPU.")
     device: str = Field("auto", description="auto = cuda when available, else cpu.")
     strategy: StrategyName | None = Field(None, description="Decoding strategy; None = the family default.")
-    block_size: int | None = Field(None, ge=1, description="Tokens per diffusion block; None = family default.")
+    block_size: int | None = Field(
+        None, ge=1, description="Tokens per diffusion block; None = family default."
+    )
     buffer_size: int | None = Field(
         None, ge=1, description="Blocks in flight per request; None = strategy default (multi_bd 2, d2f all)."
     )
@@ -45,9 +47,14 @@ class EngineConfig(BaseModel):
     seed: int = Field(0, description="Default seed for requests without one.")
     # Strategy knobs (named as in the official code).
     cache_mode: Literal["prefix", "dual"] = Field("prefix", description="fast_dllm: prefix or dual cache.")
-    block_add_threshold: float = Field(0.1, ge=0, le=1, description="d2f/multi_bd: add a block at this fraction.")
+    block_add_threshold: float = Field(
+        0.1, ge=0, le=1, description="d2f/multi_bd: add a block at this fraction."
+    )
     decoded_token_threshold: float = Field(
-        0.95, ge=0, le=1, description="d2f/multi_bd: a block is fully active once its predecessor reaches this."
+        0.95,
+        ge=0,
+        le=1,
+        description="d2f/multi_bd: a block is fully active once its predecessor reaches this.",
     )
     remasking: Literal["static", "dynamic", "sequential"] | None = Field(
         None, description="block_diffusion (SDAR) rule; None = dynamic with a threshold, else static."

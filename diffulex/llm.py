@@ -15,7 +15,9 @@ from diffulex.request import RequestOutput
 from diffulex.sampling_params import SamplingParams
 
 Prompt = str | list[int]
-DEFAULT_MODEL_DIR = Path(os.environ.get("DIFFULEX_HOME", Path.home() / ".cache" / "diffulex")) / "tiny-llada-random"
+DEFAULT_MODEL_DIR = (
+    Path(os.environ.get("DIFFULEX_HOME", Path.home() / ".cache" / "diffulex")) / "tiny-llada-random"
+)
 
 
 def default_model_path() -> str:
@@ -103,7 +105,9 @@ class LLM:
         if not token_ids:
             raise ValueError("token_ids is empty")
         if attention == "native":
-            attention = "block_causal" if self.engine.spec.native_attention == "block_causal" else "bidirectional"
+            attention = (
+                "block_causal" if self.engine.spec.native_attention == "block_causal" else "bidirectional"
+            )
         if attention == "bidirectional":
             block_ids = [0] * len(token_ids)
         elif attention == "block_causal":

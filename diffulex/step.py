@@ -138,7 +138,9 @@ class StepPlan:
             cu_samples.append(cu_samples[-1] + len(seq.sample_indices))
 
         def cat(parts: list, dtype: type) -> np.ndarray:
-            return np.concatenate([np.asarray(p, dtype=dtype) for p in parts]) if parts else np.zeros(0, dtype)
+            return (
+                np.concatenate([np.asarray(p, dtype=dtype) for p in parts]) if parts else np.zeros(0, dtype)
+            )
 
         return StepPlan(
             sequences=flat,

@@ -36,9 +36,7 @@ def store_kv_reference(
     flat_v[slots] = value[keep].to(v_cache.dtype)
 
 
-def _gather_context(
-    cache: torch.Tensor, page_table_row: torch.Tensor, context_len: int
-) -> torch.Tensor:
+def _gather_context(cache: torch.Tensor, page_table_row: torch.Tensor, context_len: int) -> torch.Tensor:
     """Positions ``[0, context_len)`` of one sequence, read page by page: ``[context_len, heads, dim]``."""
     page_size = cache.shape[1]
     num_pages = (context_len + page_size - 1) // page_size

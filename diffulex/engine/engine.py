@@ -44,7 +44,9 @@ class Engine:
         self.strategy_name = config.strategy or spec.default_strategy
         block_size = config.block_size or spec.default_block_size
         if config.page_size % block_size != 0:
-            raise ValueError(f"page_size ({config.page_size}) must be a multiple of block_size ({block_size})")
+            raise ValueError(
+                f"page_size ({config.page_size}) must be a multiple of block_size ({block_size})"
+            )
         schedule = spec.vanilla_schedule if config.vanilla_schedule == "auto" else config.vanilla_schedule
         self.strategy = create_strategy(
             self.strategy_name,
@@ -62,7 +64,9 @@ class Engine:
         )
         self.block_size = block_size
         self.kv_cache = KVCacheManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache, self.strategy, config.max_num_reqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.kv_cache, self.strategy, config.max_num_reqs, config.max_num_batched_tokens
+        )
         self.tokenizer = load_tokenizer(config.model)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

@@ -23,7 +23,12 @@ from diffulex.step import SampleSpec, SequenceOutput, StepOutput, StepPlan
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,6 +49,10 @@ class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            # oneDNN compiles a kernel for every new matmul shape (seconds over a run of varied prompt
+            # lengths) and its results are not batch-invariant; MKL's BLAS path is both fast and stable.
+            torch.backends.mkldnn.enabled = False
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model, self.spec = load_model(config.model, self.dtype, self.device)
         self.model.eval()

@@ -103,7 +103,9 @@ class Scheduler:
         request.reset()
         self.strategy.start(request)
         if self.strategy.uses_prefix_cache:
-            request.num_cached = self.kv_cache.match_prefix(request, self.strategy.prefix_cacheable_len(request))
+            request.num_cached = self.kv_cache.match_prefix(
+                request, self.strategy.prefix_cacheable_len(request)
+            )
             request.num_prefix_hit = request.num_cached
         tokens = self.strategy.num_query_tokens(request)
         needed = self.strategy.kv_tokens_needed(request)

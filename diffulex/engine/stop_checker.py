@@ -26,7 +26,9 @@ def find_stop(request: Request, limit: int, tokenizer: Any | None) -> int | None
     if params.stop and tokenizer is not None and limit > start:
         prompt = request.num_prompt
         # Only text that ends in the new tokens can hold a new match: search from a little before them.
-        text_before = tokenizer.decode(tokens[prompt:start], skip_special_tokens=True) if start > prompt else ""
+        text_before = (
+            tokenizer.decode(tokens[prompt:start], skip_special_tokens=True) if start > prompt else ""
+        )
         longest = max(len(s) for s in params.stop)
         for position in range(start, limit):
             text = tokenizer.decode(tokens[prompt : position + 1], skip_special_tokens=True)

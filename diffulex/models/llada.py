@@ -111,7 +111,9 @@ class LLaDAModel(nn.Module):
         d_model = int(cfg["d_model"])
         num_embeddings = int(cfg.get("embedding_size") or cfg["vocab_size"])
         # `_weight` skips nn.Embedding's random init: the checkpoint overwrites it anyway.
-        self.embed_tokens = nn.Embedding(num_embeddings, d_model, _weight=torch.empty(num_embeddings, d_model))
+        self.embed_tokens = nn.Embedding(
+            num_embeddings, d_model, _weight=torch.empty(num_embeddings, d_model)
+        )
         head_dim = d_model // int(cfg["n_heads"])
         rotary = RotaryEmbedding(head_dim, head_dim, float(cfg.get("rope_theta", 10000.0)))
         self.layers = nn.ModuleList(LLaDABlock(cfg, rotary) for _ in range(int(cfg["n_layers"])))
@@ -145,7 +147,9 @@ class LLaDAModelLM(nn.Module):
         _check_supported(hf_config)
         self.spec = self.spec_from_config(hf_config)
         self.model = LLaDAModel(hf_config)
-        self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size, bool(hf_config.get("include_bias", False)))
+        self.lm_head = Linear(
+            self.spec.hidden_size, self.spec.vocab_size, bool(hf_config.get("include_bias", False))
+        )
         self.tie_word_embeddings = bool(hf_config.get("weight_tying", False))
         self.logit_scale = 1.0 / math.sqrt(self.spec.hidden_size) if hf_config.get("scale_logits") else None
 
@@ -156,7 +160,9 @@ class LLaDAModelLM(nn.Module):
         generation_eos = token_ids(cfg.get("generation_config", {}).get("eos_token_id"))
         vocab_size = int(cfg.get("embedding_size") or cfg["vocab_size"])
         # The official tokenizer's Instruct turns end with <|eot_id|>, which its config does not list.
-        official_eot = (LLADA_EOT_TOKEN_ID,) if LLADA_EOS_TOKEN_ID in eos_ids and vocab_size > LLADA_EOT_TOKEN_ID else ()
+        official_eot = (
+            (LLADA_EOT_TOKEN_ID,) if LLADA_EOS_TOKEN_ID in eos_ids and vocab_size > LLADA_EOT_TOKEN_ID else ()
+        )
         mask_id = cfg.get("mask_token_id")
         pad_id = cfg.get("pad_token_id")
         return ModelSpec(

@@ -47,7 +47,9 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         files = [folder / name for name in sorted(set(weight_map.values()))]
         absent = [str(file.name) for file in files if not file.is_file()]
         if absent:
-            raise FileNotFoundError(f"{index_file} names shards that are not in {folder}: {', '.join(absent)}")
+            raise FileNotFoundError(
+                f"{index_file} names shards that are not in {folder}: {', '.join(absent)}"
+            )
         return files
     single = folder / SINGLE_FILE
     if single.is_file():

@@ -146,7 +146,9 @@ class WeightLoadError(ValueError):
         if unexpected:
             lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected))
         for name, found, expected in wrong_shapes:
-            lines.append(f"  wrong shape: {name} is {list(found)} in the checkpoint, the model expects {list(expected)}")
+            lines.append(
+                f"  wrong shape: {name} is {list(found)} in the checkpoint, the model expects {list(expected)}"
+            )
         super().__init__("\n".join(lines))
 
 

@@ -45,7 +45,9 @@ def _head_dim(cfg: dict[str, Any]) -> int:
 def _check_supported(cfg: dict[str, Any]) -> None:
     """Refuse options that would change the computation in ways this module does not implement."""
     if cfg.get("hidden_act", "silu") != "silu":
-        raise NotImplementedError(f"SDAR config hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')")
+        raise NotImplementedError(
+            f"SDAR config hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')"
+        )
     rope_scaling = cfg.get("rope_scaling")
     if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
         raise NotImplementedError(f"SDAR config rope_scaling={rope_scaling!r} is not supported")
@@ -121,10 +123,14 @@ class SDARModel(nn.Module):
         super().__init__()
         hidden_size, vocab_size = int(cfg["hidden_size"]), int(cfg["vocab_size"])
         # `_weight` skips nn.Embedding's random init: the checkpoint overwrites it anyway.
-        self.embed_tokens = nn.Embedding(vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size))
+        self.embed_tokens = nn.Embedding(
+            vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size)
+        )
         head_dim = _head_dim(cfg)
         rotary = RotaryEmbedding(head_dim, head_dim, float(cfg.get("rope_theta", 1_000_000.0)))
-        self.layers = nn.ModuleList(SDARDecoderLayer(cfg, rotary) for _ in range(int(cfg["num_hidden_layers"])))
+        self.layers = nn.ModuleList(
+            SDARDecoderLayer(cfg, rotary) for _ in range(int(cfg["num_hidden_layers"]))
+        )
         self.norm = RMSNorm(hidden_size, float(cfg.get("rms_norm_eps", 1e-6)))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -159,7 +165,9 @@ class SDARForCausalLM(nn.Module):
         eos_ids = token_ids(cfg.get("eos_token_id")) or (SDAR_ENDOFTEXT_ID,)
         vocab_size = int(cfg["vocab_size"])
         # Chat turns end with <|im_end|>: the official generation_config lists it, add it when that is absent.
-        official_im_end = (SDAR_IM_END_ID,) if SDAR_ENDOFTEXT_ID in eos_ids and vocab_size > SDAR_IM_END_ID else ()
+        official_im_end = (
+            (SDAR_IM_END_ID,) if SDAR_ENDOFTEXT_ID in eos_ids and vocab_size > SDAR_IM_END_ID else ()
+        )
         mask_id = cfg.get("mask_token_id")
         pad_id = cfg.get("pad_token_id", generation.get("pad_token_id"))
         return ModelSpec(
@@ -172,7 +180,9 @@ class SDARForCausalLM(nn.Module):
             vocab_size=vocab_size,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
             mask_token_id=int(mask_id) if mask_id is not None else SDAR_MASK_TOKEN_ID,
-            eos_token_ids=merge_token_ids(eos_ids, token_ids(generation.get("eos_token_id")), official_im_end),
+            eos_token_ids=merge_token_ids(
+                eos_ids, token_ids(generation.get("eos_token_id")), official_im_end
+            ),
             pad_token_id=int(pad_id) if pad_id is not None else eos_ids[0],
             shift_logits=False,
             native_attention="block_causal",

@@ -49,7 +49,9 @@ _CHAT_TEMPLATES = {
 
 def special_token_ids(family: str) -> dict[str, int]:
     """Special token -> id in the tiny tokenizer of ``family`` (same ids whether or not it is written)."""
-    return {token: len(CHARACTERS) + index for index, token in enumerate(_SPECIAL_TOKENS[_check_family(family)])}
+    return {
+        token: len(CHARACTERS) + index for index, token in enumerate(_SPECIAL_TOKENS[_check_family(family)])
+    }
 
 
 def _check_family(family: str) -> str:
@@ -183,7 +185,10 @@ def _sdar_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             f"{prefix}.mlp.down_proj.weight": (hidden, mlp),
         }
         if cfg["attention_bias"]:
-            shapes |= {f"{prefix}.self_attn.{n}_proj.bias": (shapes[f"{prefix}.self_attn.{n}_proj.weight"][0],) for n in "qkvo"}
+            shapes |= {
+                f"{prefix}.self_attn.{n}_proj.bias": (shapes[f"{prefix}.self_attn.{n}_proj.weight"][0],)
+                for n in "qkvo"
+            }
     shapes["model.norm.weight"] = (hidden,)
     if not cfg["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (vocab, hidden)
@@ -199,7 +204,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator
     if name in ("model.transformer.wte.weight", "model.embed_tokens.weight"):
         return noise  # unit-scale embeddings: the input tokens matter against the layers' updates
     if name in ("model.transformer.ff_out.weight", "lm_head.weight"):
-        return 0.3 * noise  # logits of std ~0.3 sqrt(hidden): peaky, confidences spread over (0, 1)
+        return 0.5 * noise  # logits of std ~0.5 sqrt(hidden): peaky, top-1 probabilities spread over (0, 1)
     return noise / shape[-1] ** 0.5  # projections: unit-variance outputs for unit-variance inputs
 
 
@@ -229,7 +234,9 @@ def _write_tokenizer(family: str, vocab_size: int, ids: dict[str, int], out_dir:
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one char each
     tokenizer.decoder = decoders.Fuse()  # join characters back without separators
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials + reserved])
+    tokenizer.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in specials + reserved]
+    )
     tokenizer.save(str(out_dir / "tokenizer.json"))
     # Written by hand rather than by save_pretrained, whose output depends on the transformers version
     # (v5 names its own backend class and moves the template out): this one loads with 4.45 and later.

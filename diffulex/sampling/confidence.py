@@ -12,7 +12,7 @@ Temperature > 0 uses the Gumbel-max trick in float64 (ML-GSAI LLaDA): argmax(exp
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -67,7 +67,9 @@ def sample_tokens(
     logits = _filter_top_k_top_p(logits, spec.top_k, spec.top_p)
     if spec.temperature > 0:
         noise = torch.rand(
-            logits.shape, dtype=torch.float64, device=logits.device,
+            logits.shape,
+            dtype=torch.float64,
+            device=logits.device,
             generator=_generator(logits.device, spec.seed),
         )
         noisy = logits.double().exp() / (-torch.log(noise)) ** spec.temperature
@@ -76,7 +78,9 @@ def sample_tokens(
         token_ids = logits.argmax(dim=-1)
     if spec.policy == "random":
         rand = torch.rand(
-            logits.shape[0], dtype=torch.float32, device=logits.device,
+            logits.shape[0],
+            dtype=torch.float32,
+            device=logits.device,
             generator=_generator(logits.device, spec.seed ^ 0x5EED),
         )
         return token_ids, rand.double()

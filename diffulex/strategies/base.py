@@ -50,6 +50,7 @@ class Strategy(ABC):
     # ----- request life cycle -------------------------------------------------------------------------
     def validate(self, request: Request) -> None:
         """Raise ValueError with a clear message when the request's parameters do not fit the strategy."""
+        return None
 
     @abstractmethod
     def generation_length(self, request: Request) -> int:
@@ -84,7 +85,9 @@ class Strategy(ABC):
         """Query tokens of the request's next step (for the scheduler's token budget)."""
 
     # ----- shared helpers -----------------------------------------------------------------------------
-    def sample_spec(self, request: Request, softmax_dtype: str = "logits", policy: str | None = None) -> SampleSpec:
+    def sample_spec(
+        self, request: Request, softmax_dtype: str = "logits", policy: str | None = None
+    ) -> SampleSpec:
         params = request.params
         seed = request.seed
         return SampleSpec(

@@ -53,7 +53,9 @@ class BlockDiffusionStrategy(Strategy):
         params = request.params
         num_blocks = (self._region_end(request) - self._prefill_end(request)) // self.block_size
         steps = self.block_size if params.steps is None else max(1, params.steps // num_blocks)
-        request.strategy_state.update(steps_per_block=steps, step=0, schedule=even_schedule(self.block_size, steps))
+        request.strategy_state.update(
+            steps_per_block=steps, step=0, schedule=even_schedule(self.block_size, steps)
+        )
 
     def _current_block(self, request: Request) -> tuple[int, int]:
         start = request.num_cached // self.block_size * self.block_size
@@ -120,7 +122,9 @@ class BlockDiffusionStrategy(Strategy):
             chosen_arr = select_top_k(output.confidences, count)
             if rule == "dynamic":
                 threshold = request.params.threshold
-                above = select_above(output.confidences, DEFAULT_DYNAMIC_THRESHOLD if threshold is None else threshold)
+                above = select_above(
+                    output.confidences, DEFAULT_DYNAMIC_THRESHOLD if threshold is None else threshold
+                )
                 if above.shape[0] >= count:
                     chosen_arr = above
             self.commit(request, candidates, output, chosen_arr)

@@ -73,7 +73,12 @@ class FastDLLMStrategy(Strategy):
             query_end = length
             store = (0, length if dual else block_start)
         elif dual:
-            query_start, query_end, context_len, hole = block_start, block_end, length, (block_start, block_end)
+            query_start, query_end, context_len, hole = (
+                block_start,
+                block_end,
+                length,
+                (block_start, block_end),
+            )
             store = (0, 0)
         else:
             query_start, query_end, context_len, hole = block_start, length, block_start, (0, 0)

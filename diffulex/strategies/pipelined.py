@@ -187,7 +187,9 @@ class D2FStrategy(PipelinedStrategy):
 
     def validate(self, request: Request) -> None:
         if request.params.max_tokens % self.block_size != 0:
-            raise ValueError(f"block_size ({self.block_size}) must divide max_tokens ({request.params.max_tokens})")
+            raise ValueError(
+                f"block_size ({self.block_size}) must divide max_tokens ({request.params.max_tokens})"
+            )
 
 
 @register_strategy

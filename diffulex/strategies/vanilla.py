@@ -93,7 +93,9 @@ class VanillaStrategy(Strategy):
         uncond = None
         if request.params.cfg_scale > 0:
             # Unconditional twin: the prompt replaced by masks (ML-GSAI's CFG).
-            uncond_tokens = [request.mask_token_id] * request.num_prompt + request.tokens[request.num_prompt :]
+            uncond_tokens = [request.mask_token_id] * request.num_prompt + request.tokens[
+                request.num_prompt :
+            ]
             uncond = SequencePlan(request.request_id, uncond_tokens, positions, block_ids)
         return SequencePlan(
             request_id=request.request_id,
@@ -167,4 +169,3 @@ class VanillaStrategy(Strategy):
                 state["steps"] += dropped
         state["step"] += 1
         return state["step"] >= state["steps"]
-

@@ -16,8 +16,6 @@ Conventions shared by all loops (interpretation choices, also stated at each use
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .plain_models import block_causal_mask
@@ -197,7 +195,11 @@ def dream_generate(
 
 
 def _fast_dllm_transfer(
-    window: torch.Tensor, logits: torch.Tensor, mask_index: torch.Tensor, k: int | None, threshold: float | None
+    window: torch.Tensor,
+    logits: torch.Tensor,
+    mask_index: torch.Tensor,
+    k: int | None,
+    threshold: float | None,
 ) -> None:
     """§2 get_transfer_index at T=0, writing the committed tokens into ``window`` in place."""
     # x0 = argmax(logits); p = softmax(logits.float64); conf = p[x0], -inf outside mask_index
@@ -300,7 +302,9 @@ def fast_dllm_generate(
                 window = x[bs:]
                 q_pos = torch.arange(bs, L)
                 n_keys = bs + window.shape[0]
-                logits, _ = model.forward(window, q_pos, torch.ones(window.shape[0], n_keys, dtype=torch.bool), past)
+                logits, _ = model.forward(
+                    window, q_pos, torch.ones(window.shape[0], n_keys, dtype=torch.bool), past
+                )
                 mask_index = window == mask_id
                 mask_index[block_length:] = False  # transfers only in the first B positions
             else:
@@ -359,7 +363,9 @@ def sdar_generate(
     prefill_blocks = P // B
     prefill_len = prefill_blocks * B
     if prefill_len > 0:
-        _, cache = model.forward(x[:prefill_len], torch.arange(prefill_len), full_mask[:prefill_len, :prefill_len])
+        _, cache = model.forward(
+            x[:prefill_len], torch.arange(prefill_len), full_mask[:prefill_len, :prefill_len]
+        )
         nfe += 1
     # §4.3 schedule sched(B, denoising_steps), from B (not from the actual masks)
     per_step = sched(B, denoising_steps)
@@ -540,7 +546,10 @@ def multi_bd_generate(
 
     * The prompt's full blocks are context (block-causal among themselves). A partial last prompt block
       is the first running block (prompt tokens fixed and counted as decoded).
-    * A block counts toward ``buffer_size`` until it and all earlier blocks are fully decoded.
+    * A block counts toward ``buffer_size`` until its K/V are stored: that happens in the first forward
+      after it and all earlier blocks are fully decoded (the Block Buffer keeps a complete block for that
+      one forward, so every step has the same shape). When every buffered block is decoded but more can
+      still be added, that forward only stores (no block fits before it).
     * Before each forward, at most one block is added: buffer has room, newest block's decoded fraction
       >= block_add_threshold, current length < ceil((P + max_new_tokens) / B) * B, and (if
       stop_adding_after_eos) no EOS committed yet.
@@ -570,32 +579,32 @@ def multi_bd_generate(
     def fraction(b: int) -> float:
         return sum(1 for t in tokens[b * B : (b + 1) * B] if t != mask_id) / B
 
-    def buffer_count() -> int:
-        # running blocks from the first not-fully-decoded one onward (earlier ones are finished & cached)
-        for b in range(first_running, n_blocks()):
-            if fraction(b) < 1.0:
-                return n_blocks() - b
-        return 0
+    cached_upto = first_running  # blocks below this index have their K/V stored
+
+    def leading_decoded_end() -> int:
+        # end (block index) of the run of fully decoded blocks starting at cached_upto
+        b = cached_upto
+        while b < n_blocks() and fraction(b) == 1.0:
+            b += 1
+        return b
 
     for _step in range(max_steps):
         # add (before the forward)
         newest_fraction = fraction(n_blocks() - 1) if n_blocks() > 0 else 1.0
-        if (
-            buffer_count() < buffer_size
-            and newest_fraction >= block_add_threshold
-            and len(tokens) < end_len
-            and not (stop_adding_after_eos and eos_committed)
-        ):
+        can_add = len(tokens) < end_len and not (stop_adding_after_eos and eos_committed)
+        if n_blocks() - cached_upto < buffer_size and newest_fraction >= block_add_threshold and can_add:
             tokens += [mask_id] * B
         # fully-active flags (sticky)
         for b in range(first_running, n_blocks()):
             if b == first_running or fraction(b - 1) >= decoded_token_threshold:
                 fully_active[b] = True
-        # end: every running block decoded (and nothing was added above)
-        if all(t != mask_id for t in tokens[first_running * B :]):
+        # end: every running block decoded and nothing more can ever be added
+        if all(t != mask_id for t in tokens[first_running * B :]) and not can_add:
             break
+        store_upto = leading_decoded_end()  # stored by this forward
         logits = model.logits(_as_tensor(tokens), block_causal_mask_abs(len(tokens), B))
         nfe += 1
+        cached_upto = store_upto
         for b in range(first_running, n_blocks()):
             rel = [p for p in range(b * B, (b + 1) * B) if tokens[p] == mask_id]
             if not rel:

@@ -93,7 +93,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.
     return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """q [L, H, D], k/v [K, KVH, D] (GQA: query head h uses kv head h // (H // KVH)), mask Bool[L, K]."""
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     assert num_heads % num_kv_heads == 0
@@ -157,7 +159,9 @@ class PlainModel:
         archs = [str(a) for a in cfg.get("architectures", []) or []]
         if model_type == "llada" or "LLaDAModelLM" in archs:
             self.family = "llada"
-        elif model_type in ("sdar", "qwen3") or any(a in ("SDARForCausalLM", "Qwen3ForCausalLM") for a in archs):
+        elif model_type in ("sdar", "qwen3") or any(
+            a in ("SDARForCausalLM", "Qwen3ForCausalLM") for a in archs
+        ):
             self.family = "sdar"
         else:
             raise ValueError(f"unsupported model_type {model_type!r} / architectures {archs}")
