@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 StrategyName = str  # validated against the strategy registry by the engine (the registry lives above)
 DTypeName = Literal["auto", "float32", "float16", "bfloat16", "float64"]
@@ -35,7 +35,9 @@ class EngineConfig(BaseModel):
     buffer_size: int | None = Field(
         None, ge=1, description="Blocks in flight per request; None = strategy default (multi_bd 2, d2f all)."
     )
-    page_size: int = Field(32, ge=1, description="Tokens per KV-cache page; a multiple of block_size.")
+    page_size: int = Field(
+        32, ge=1, description="Tokens per KV-cache page (any size works with any block_size)."
+    )
     kv_cache_memory_gb: float = Field(1.0, gt=0, description="Memory for K/V pages (CPU or GPU).")
     num_kv_pages: int | None = Field(None, ge=1, description="Exact page count (overrides the budget).")
     max_num_reqs: int = Field(64, ge=1, description="Most requests running at once.")
@@ -63,14 +65,6 @@ class EngineConfig(BaseModel):
         "auto", description="vanilla: LLaDA per-block even split or Dream linspace schedule; auto = family."
     )
     mask_token_id: int | None = Field(None, description="Override the checkpoint's mask token id.")
-
-    @model_validator(mode="after")
-    def _check_sizes(self) -> EngineConfig:
-        if self.block_size is not None and self.page_size % self.block_size != 0:
-            raise ValueError(
-                f"page_size ({self.page_size}) must be a multiple of block_size ({self.block_size})"
-            )
-        return self
 
 
 def _describe(error: ValidationError) -> str:

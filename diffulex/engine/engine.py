@@ -43,10 +43,6 @@ class Engine:
         self.eos_token_ids = tuple(spec.eos_token_ids)
         self.strategy_name = config.strategy or spec.default_strategy
         block_size = config.block_size or spec.default_block_size
-        if config.page_size % block_size != 0:
-            raise ValueError(
-                f"page_size ({config.page_size}) must be a multiple of block_size ({block_size})"
-            )
         schedule = spec.vanilla_schedule if config.vanilla_schedule == "auto" else config.vanilla_schedule
         self.strategy = create_strategy(
             self.strategy_name,

@@ -66,7 +66,12 @@ class PipelinedStrategy(Strategy):
 
     def start(self, request: Request) -> None:
         super().start(request)
-        request.strategy_state.update(eos_committed=False, added_end=self._first_block_start(request))
+        first = self._first_block_start(request)
+        request.strategy_state.update(eos_committed=False, added_end=first)
+        if first < request.num_prompt:
+            # A partial last prompt block is running from the start; it is not one of the step's adds.
+            request.buffer.add(first, self.block_size, fully_active=True)
+            request.strategy_state["added_end"] = first + self.block_size
 
     def _decoded_fraction(self, request: Request, block: Block) -> float:
         mask = request.mask_token_id

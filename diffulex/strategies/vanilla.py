@@ -96,7 +96,14 @@ class VanillaStrategy(Strategy):
             uncond_tokens = [request.mask_token_id] * request.num_prompt + request.tokens[
                 request.num_prompt :
             ]
-            uncond = SequencePlan(request.request_id, uncond_tokens, positions, block_ids)
+            uncond = SequencePlan(
+                request.request_id,
+                uncond_tokens,
+                positions,
+                block_ids,
+                sample_indices=candidates,
+                sample=spec,
+            )
         return SequencePlan(
             request_id=request.request_id,
             token_ids=list(request.tokens),

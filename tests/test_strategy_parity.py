@@ -1,0 +1,175 @@
+"""Each strategy's greedy output and forward count equal a plain re-implementation of its published loop
+(tests/reference/loops.py: full forwards, no engine code), on tiny random checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffulex import SamplingParams
+from tests.reference import loops
+from tests.reference.plain_models import PlainModel
+
+PROMPTS = [[17, 5, 42], [8, 9, 10, 11, 12, 13, 14, 15], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 50]]
+
+
+class NoMaskPrediction:
+    """The engine never predicts the mask token (its logit is −inf); give the reference the same rule.
+
+    A large finite value instead of −inf keeps CFG's ``uncond + s·(cond − uncond)`` finite."""
+
+    def __init__(self, model: PlainModel):
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def _suppress(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., self._model.mask_token_id] = -1e9
+        return logits
+
+    def logits(self, *args, **kwargs) -> torch.Tensor:
+        return self._suppress(self._model.logits(*args, **kwargs))
+
+    def forward(self, *args, **kwargs):
+        logits, kv = self._model.forward(*args, **kwargs)
+        return self._suppress(logits), kv
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_paths) -> dict[str, NoMaskPrediction]:
+    return {family: NoMaskPrediction(PlainModel(Path(path))) for family, path in tiny_paths.items()}
+
+
+def run_engine(make_llm, path, options: dict, params: SamplingParams) -> list[tuple[list[int], int]]:
+    llm = make_llm(path, page_size=8, enable_prefix_caching=False, **options)
+    return [(o.token_ids, o.num_forwards) for o in llm.generate(PROMPTS, params)]
+
+
+@pytest.mark.parametrize(("steps", "block", "cfg"), [(16, 16, 0.0), (8, 8, 0.0), (16, 4, 0.0), (8, 8, 1.5)])
+def test_vanilla_llada_equals_ml_gsai_generate(steps, block, cfg, tiny_paths, plain, make_llm) -> None:
+    got = run_engine(
+        make_llm,
+        tiny_paths["llada"],
+        {"strategy": "vanilla", "block_size": block},
+        SamplingParams(max_tokens=16, steps=steps, cfg_scale=cfg, ignore_eos=True),
+    )
+    expected = [loops.llada_generate(plain["llada"], p, steps, 16, block, cfg_scale=cfg) for p in PROMPTS]
+    assert got == [(list(t), n) for t, n in expected]
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.6, 0.95])
+def test_vanilla_threshold_equals_fast_dllm_no_cache(threshold, tiny_paths, plain, make_llm) -> None:
+    got = run_engine(
+        make_llm,
+        tiny_paths["llada"],
+        {"strategy": "vanilla", "block_size": 8},
+        SamplingParams(max_tokens=16, threshold=threshold, ignore_eos=True),
+    )
+    expected = [
+        loops.fast_dllm_generate(plain["llada"], p, 16, 16, 8, threshold=threshold, cache="none")
+        for p in PROMPTS
+    ]
+    assert got == [(list(t), n) for t, n in expected]
+
+
+@pytest.mark.parametrize(
+    ("policy", "alg"), [("probability", "maskgit_plus"), ("margin", "topk_margin"), ("entropy", "entropy")]
+)
+@pytest.mark.parametrize("steps", [16, 8])
+def test_vanilla_dream_schedule_equals_diffusion_generate(
+    policy, alg, steps, tiny_paths, plain, make_llm
+) -> None:
+    got = run_engine(
+        make_llm,
+        tiny_paths["llada"],
+        {"strategy": "vanilla", "block_size": 8, "vanilla_schedule": "dream"},
+        SamplingParams(max_tokens=16, steps=steps, unmask_policy=policy, ignore_eos=True),
+    )
+    expected = [loops.dream_generate(plain["llada"], p, steps, 16, alg=alg) for p in PROMPTS]
+    assert got == [(list(t), n) for t, n in expected]
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize(("threshold", "steps"), [(None, 8), (None, 16), (0.3, None), (0.8, None)])
+def test_fast_dllm_equals_reference_cache_loop(cache, threshold, steps, tiny_paths, plain, make_llm) -> None:
+    got = run_engine(
+        make_llm,
+        tiny_paths["llada"],
+        {"strategy": "fast_dllm", "block_size": 8, "cache_mode": cache},
+        SamplingParams(max_tokens=16, steps=steps, threshold=threshold, ignore_eos=True),
+    )
+    expected = [
+        loops.fast_dllm_generate(plain["llada"], p, steps or 16, 16, 8, threshold=threshold, cache=cache)
+        for p in PROMPTS
+    ]
+    assert got == [(list(t), n) for t, n in expected]
+
+
+@pytest.mark.parametrize(
+    ("remasking", "threshold"), [("static", None), ("dynamic", 0.3), ("dynamic", 0.7), ("sequential", None)]
+)
+@pytest.mark.parametrize("block", [4, 8])
+def test_block_diffusion_equals_sdar_generate(
+    remasking, threshold, block, tiny_paths, plain, make_llm
+) -> None:
+    got = run_engine(
+        make_llm,
+        tiny_paths["sdar"],
+        {"strategy": "block_diffusion", "block_size": block, "remasking": remasking},
+        SamplingParams(max_tokens=16, threshold=threshold, ignore_eos=True),
+    )
+    names = {
+        "static": "low_confidence_static",
+        "dynamic": "low_confidence_dynamic",
+        "sequential": "sequential",
+    }
+    expected = [
+        loops.sdar_generate(plain["sdar"], p, 16, block, block, names[remasking], threshold=threshold or 0.9)
+        for p in PROMPTS
+    ]
+    assert got == [(list(t), n) for t, n in expected]
+
+
+@pytest.mark.parametrize(
+    ("add", "complete", "accept"), [(0.5, 0.75, 0.3), (0.0, 0.95, 0.9), (0.25, 0.5, 0.6)]
+)
+def test_d2f_equals_reference_pipeline(add, complete, accept, tiny_paths, plain, make_llm) -> None:
+    got = run_engine(
+        make_llm,
+        tiny_paths["llada"],
+        {"strategy": "d2f", "block_size": 4, "block_add_threshold": add, "decoded_token_threshold": complete},
+        SamplingParams(max_tokens=16, threshold=accept, ignore_eos=True),
+    )
+    expected = [
+        loops.d2f_generate(plain["llada"], p, 16, 4, add, complete, accept, stop_adding_after_eos=False)
+        for p in PROMPTS
+    ]
+    assert got == [(list(t), n) for t, n in expected]
+
+
+@pytest.mark.parametrize("buffer", [1, 2, 3])
+@pytest.mark.parametrize(("add", "complete", "accept"), [(0.25, 0.75, 0.3), (0.0, 0.95, 0.9)])
+def test_multi_bd_equals_reference_pipeline(
+    buffer, add, complete, accept, tiny_paths, plain, make_llm
+) -> None:
+    got = run_engine(
+        make_llm,
+        tiny_paths["sdar"],
+        {
+            "strategy": "multi_bd",
+            "block_size": 4,
+            "buffer_size": buffer,
+            "block_add_threshold": add,
+            "decoded_token_threshold": complete,
+        },
+        SamplingParams(max_tokens=16, threshold=accept, ignore_eos=True),
+    )
+    expected = [
+        loops.multi_bd_generate(plain["sdar"], p, 16, 4, buffer, add, complete, accept, None, False)
+        for p in PROMPTS
+    ]
+    assert got == [(list(t), n) for t, n in expected]
