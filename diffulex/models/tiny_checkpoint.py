@@ -4,7 +4,7 @@ A checkpoint folder written here looks like the published one (``config.json`` w
 names, safetensors with the official tensor names, optionally sharded with an index, a
 ``generation_config.json`` and a tokenizer), only small: the real loading path is what runs on it. The
 tokenizer is character-level (printable ASCII, tab, newline) plus the family's special tokens, padded with
-reserved special tokens up to the model's vocabulary so that every id the model can emit decodes.
+ordinary two-letter pieces up to the model's vocabulary so that every id the model can emit decodes.
 Weights are random but not flat: embeddings, norms and head are scaled so that logits are peaky and
 confidences differ between positions, which is what decoding strategies need to be exercised.
 """
@@ -229,14 +229,16 @@ def _write_tokenizer(family: str, vocab_size: int, ids: dict[str, int], out_dir:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     specials = list(ids)
-    reserved = [f"<|reserved_{index}|>" for index in range(vocab_size - len(CHARACTERS) - len(specials))]
+    # The rest of the vocabulary: ordinary two-letter pieces (never produced by encoding, which splits
+    # per character, but decodable), so random or tiny models emit visible text rather than specials.
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pairs = [a + b for a in letters for b in letters]
+    reserved = pairs[: vocab_size - len(CHARACTERS) - len(specials)]
     vocab = {token: index for index, token in enumerate([*CHARACTERS, *specials, *reserved])}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one char each
     tokenizer.decoder = decoders.Fuse()  # join characters back without separators
-    tokenizer.add_special_tokens(
-        [AddedToken(token, special=True, normalized=False) for token in specials + reserved]
-    )
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
     tokenizer.save(str(out_dir / "tokenizer.json"))
     # Written by hand rather than by save_pretrained, whose output depends on the transformers version
     # (v5 names its own backend class and moves the template out): this one loads with 4.45 and later.
