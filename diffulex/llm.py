@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 
 from diffulex.config import EngineConfig, load_engine_config
 from diffulex.engine.engine import Engine
@@ -32,6 +33,13 @@ def default_model_path() -> str:
     return str(DEFAULT_MODEL_DIR)
 
 
+def _file_names_model(config: str | Path | None) -> bool:
+    if config is None:
+        return False
+    data = yaml.safe_load(Path(config).read_text()) or {}
+    return isinstance(data, dict) and "model" in data.get("engine", data)
+
+
 class LLM:
     """Generate with a diffusion LM from Python: loads the checkpoint, runs the engine to completion.
 
@@ -41,7 +49,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, config: str | Path | None = None, **options: Any):
         overrides = options.pop("overrides", None)
-        if model is None and config is None and "model" not in (overrides or {}):
+        if model is None and "model" not in (overrides or {}) and not _file_names_model(config):
             model = default_model_path()
         engine_config: EngineConfig = load_engine_config(config, overrides=overrides, model=model, **options)
         self.engine = Engine(engine_config)

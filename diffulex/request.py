@@ -81,8 +81,9 @@ class Request:
 
     def decoded_prefix_end(self) -> int:
         """End of the longest run of decoded tokens from the start: tokens before it never change."""
+        # Everything before stop_scanned is known decoded: start the search there.
         try:
-            return self.tokens.index(self.mask_token_id, self.num_prompt)
+            return self.tokens.index(self.mask_token_id, max(self.num_prompt, self.stop_scanned))
         except ValueError:
             return len(self.tokens)
 

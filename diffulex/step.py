@@ -22,9 +22,10 @@ class SampleSpec:
 
     ``policy``: probability | margin | entropy | random. ``softmax_dtype``: "logits" computes the softmax
     in the logits' own dtype (ML-GSAI LLaDA), "float64" in double precision (Fast-dLLM).
-    ``seed`` drives the Gumbel noise and random confidences of this forward (derived per request and
-    forward, so a request's samples do not depend on its batch). ``cfg_scale`` > 0 combines the logits
-    with the unconditional twin sequence that follows this one in the plan.
+    ``seed`` is the request's seed; with the sequence's ``step_index`` it drives the Gumbel noise and
+    random confidences of one forward (``step_seed``), so a request's samples do not depend on its batch
+    and a restarted request draws the same noise. ``cfg_scale`` > 0 combines the logits with the
+    unconditional twin sequence that follows this one in the plan.
     """
 
     temperature: float = 0.0
@@ -34,6 +35,11 @@ class SampleSpec:
     softmax_dtype: str = "logits"
     seed: int = 0
     cfg_scale: float = 0.0
+
+
+def step_seed(seed: int, step_index: int) -> int:
+    """The seed of one forward of one request."""
+    return (seed * 1_000_003 + step_index) & 0x7FFF_FFFF_FFFF
 
 
 @dataclass
@@ -56,6 +62,7 @@ class SequencePlan:
     sample_indices: list[int] = field(default_factory=list)
     sample: SampleSpec = field(default_factory=SampleSpec)
     uncond: SequencePlan | None = None
+    step_index: int = 0
 
     def __post_init__(self) -> None:
         if not (len(self.token_ids) == len(self.positions) == len(self.block_ids)):
@@ -118,41 +125,40 @@ class StepPlan:
                 cfg_pairs[len(flat) - 1] = len(flat)
                 flat.append(seq.uncond)
                 flat_tables.append(table)
+        # Flatten into Python lists and convert once: far cheaper than one numpy array per sequence.
         cu_seqlens = [0]
         cu_samples = [0]
-        slots: list[np.ndarray] = []
-        sample_rows: list[np.ndarray] = []
+        input_ids: list[int] = []
+        positions: list[int] = []
+        block_ids: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
         for seq, table in zip(flat, flat_tables):
-            seq_slots = np.full(seq.num_tokens, -1, dtype=np.int64)
+            offset = cu_seqlens[-1]
+            input_ids += seq.token_ids
+            positions += seq.positions
+            block_ids += seq.block_ids
             lo, hi = seq.store_range
-            if hi > lo:
-                pos = np.asarray(seq.positions[lo:hi], dtype=np.int64)
-                pages = np.asarray(table, dtype=np.int64)[pos // page_size]
-                seq_slots[lo:hi] = pages * page_size + pos % page_size
-            slots.append(seq_slots)
-            indices = np.asarray(seq.sample_indices, dtype=np.int64)
+            slots += [-1] * lo
+            slots += [table[p // page_size] * page_size + p % page_size for p in seq.positions[lo:hi]]
+            slots += [-1] * (seq.num_tokens - max(hi, lo))
             if shift_logits:
-                indices = np.maximum(indices - 1, 0)
-            sample_rows.append(indices + cu_seqlens[-1])
-            cu_seqlens.append(cu_seqlens[-1] + seq.num_tokens)
+                sample_rows += [offset + (j - 1 if j > 0 else 0) for j in seq.sample_indices]
+            else:
+                sample_rows += [offset + j for j in seq.sample_indices]
+            cu_seqlens.append(offset + seq.num_tokens)
             cu_samples.append(cu_samples[-1] + len(seq.sample_indices))
-
-        def cat(parts: list, dtype: type) -> np.ndarray:
-            return (
-                np.concatenate([np.asarray(p, dtype=dtype) for p in parts]) if parts else np.zeros(0, dtype)
-            )
-
         return StepPlan(
             sequences=flat,
-            input_ids=cat([s.token_ids for s in flat], np.int64),
-            positions=cat([s.positions for s in flat], np.int64),
-            block_ids=cat([s.block_ids for s in flat], np.int64),
-            slot_mapping=cat(slots, np.int64),
+            input_ids=np.array(input_ids, dtype=np.int64),
+            positions=np.array(positions, dtype=np.int64),
+            block_ids=np.array(block_ids, dtype=np.int64),
+            slot_mapping=np.array(slots, dtype=np.int64),
             cu_seqlens=cu_seqlens,
             context_lens=[s.context_len for s in flat],
             context_holes=[s.context_hole for s in flat],
             page_tables=flat_tables,
-            sample_rows=cat(sample_rows, np.int64),
+            sample_rows=np.array(sample_rows, dtype=np.int64),
             cu_samples=cu_samples,
             cfg_pairs=cfg_pairs,
         )

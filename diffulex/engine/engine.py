@@ -132,7 +132,9 @@ class Engine:
         plans: list[SequencePlan] = []
         for request in list(requests):
             try:
-                plans.append(self.strategy.plan(request))
+                plan = self.strategy.plan(request)
+                plan.step_index = request.num_steps
+                plans.append(plan)
             except Exception as error:  # a strategy bug fails one request, never the engine
                 logger.exception("planning failed for %s", request.request_id)
                 requests.remove(request)

@@ -19,7 +19,7 @@ from diffulex.layers.context import AttentionContext, set_context, single_sequen
 from diffulex.models.loader import load_model
 from diffulex.models.registry import ModelSpec
 from diffulex.sampling.confidence import sample_tokens
-from diffulex.step import SampleSpec, SequenceOutput, StepOutput, StepPlan
+from diffulex.step import SampleSpec, SequenceOutput, StepOutput, StepPlan, step_seed
 
 logger = logging.getLogger(__name__)
 
@@ -118,50 +118,58 @@ class ModelRunner:
         return self._sample(plan, logits, mask_token_id)
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor, mask_token_id: int) -> StepOutput:
+        """Token ids and confidences for every sampled row; one device→host copy of each."""
         cu = plan.cu_samples
-        bad_rows = torch.isnan(logits).any(dim=-1) if logits.numel() else None
-        uncond_of = set(plan.cfg_pairs.values())
-        outputs: list[SequenceOutput] = []
-        # Sequences that sample alike (greedy, same policy) are sampled in one call.
+        num_rows = cu[-1]
+        uncond = set(plan.cfg_pairs.values())
+        token_ids = torch.zeros(num_rows, dtype=torch.long, device=logits.device)
+        confidences = torch.zeros(num_rows, dtype=torch.float64, device=logits.device)
+        # Sequences that sample alike (greedy, same policy, no CFG) are sampled in one call.
         groups: dict[tuple, list[int]] = {}
+        singles: list[int] = []
         for index, seq in enumerate(plan.sequences):
+            if index in uncond or cu[index + 1] == cu[index]:
+                continue
             spec = seq.sample
-            if index in uncond_of or cu[index + 1] == cu[index]:
-                continue
             if spec.temperature == 0 and spec.policy != "random" and index not in plan.cfg_pairs:
-                key = (spec.policy, spec.softmax_dtype, spec.top_k, spec.top_p)
-                groups.setdefault(key, []).append(index)
-        results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+                groups.setdefault((spec.policy, spec.softmax_dtype, spec.top_k, spec.top_p), []).append(index)
+            else:
+                singles.append(index)
         for members in groups.values():
-            rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in members]).to(logits.device)
-            ids, conf = sample_tokens(logits[rows], plan.sequences[members[0]].sample, mask_token_id)
-            offset = 0
-            for i in members:
-                count = cu[i + 1] - cu[i]
-                results[i] = (ids[offset : offset + count], conf[offset : offset + count])
-                offset += count
-        for index, seq in enumerate(plan.sequences):
-            if index in uncond_of or index in results or cu[index + 1] == cu[index]:
+            spec = plan.sequences[members[0]].sample
+            if sum(cu[i + 1] - cu[i] for i in members) == num_rows:
+                ids, conf = sample_tokens(logits, spec, mask_token_id)  # the common case: every row
+                token_ids.copy_(ids)
+                confidences.copy_(conf)
                 continue
+            rows = torch.from_numpy(np.concatenate([np.arange(cu[i], cu[i + 1]) for i in members]))
+            rows = rows.to(logits.device)
+            ids, conf = sample_tokens(logits[rows], spec, mask_token_id)
+            token_ids[rows] = ids
+            confidences[rows] = conf
+        for index in singles:
+            seq = plan.sequences[index]
             seq_logits = logits[cu[index] : cu[index + 1]]
             if index in plan.cfg_pairs:
                 twin = plan.cfg_pairs[index]
-                uncond = logits[cu[twin] : cu[twin + 1]]
-                scale = seq.sample.cfg_scale
-                seq_logits = uncond + (scale + 1) * (seq_logits - uncond)
-            results[index] = sample_tokens(seq_logits, seq.sample, mask_token_id)
-        bad = bad_rows.cpu().numpy() if bad_rows is not None else np.zeros(0, dtype=bool)
-        empty_ids, empty_conf = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+                uncond_logits = logits[cu[twin] : cu[twin + 1]]
+                seq_logits = uncond_logits + (seq.sample.cfg_scale + 1) * (seq_logits - uncond_logits)
+            seed = step_seed(seq.sample.seed, seq.step_index)
+            ids, conf = sample_tokens(seq_logits, seq.sample, mask_token_id, seed)
+            token_ids[cu[index] : cu[index + 1]] = ids
+            confidences[cu[index] : cu[index + 1]] = conf
+        ids_host = token_ids.cpu().numpy()
+        conf_host = confidences.cpu().numpy()
+        bad_rows = torch.isnan(logits).any(dim=-1).cpu().numpy() if num_rows else np.zeros(0, dtype=bool)
+        any_bad = bool(bad_rows.any())
+        outputs: list[SequenceOutput] = []
         for index in range(len(plan.sequences)):
-            if index not in results:
-                outputs.append(SequenceOutput(empty_ids, empty_conf))
-                continue
-            ids, conf = results[index]
-            failed = bool(bad[cu[index] : cu[index + 1]].any())
-            if index in plan.cfg_pairs:
+            low, high = cu[index], cu[index + 1]
+            failed = any_bad and bool(bad_rows[low:high].any())
+            if any_bad and index in plan.cfg_pairs:
                 twin = plan.cfg_pairs[index]
-                failed = failed or bool(bad[cu[twin] : cu[twin + 1]].any())
-            outputs.append(SequenceOutput(ids.cpu().numpy(), conf.cpu().numpy(), failed=failed))
+                failed = failed or bool(bad_rows[cu[twin] : cu[twin + 1]].any())
+            outputs.append(SequenceOutput(ids_host[low:high], conf_host[low:high], failed=failed))
         return StepOutput(outputs)
 
     # ----- research API -------------------------------------------------------------------------------

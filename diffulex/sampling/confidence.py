@@ -55,9 +55,12 @@ def _confidence(probs: torch.Tensor, token_ids: torch.Tensor, policy: str) -> to
 
 
 def sample_tokens(
-    logits: torch.Tensor, spec: SampleSpec, mask_token_id: int
+    logits: torch.Tensor, spec: SampleSpec, mask_token_id: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 token ids ``[N]`` (int64) and confidences ``[N]`` (float64) for logits ``[N, vocab]``."""
+    """Top-1 token ids ``[N]`` (int64) and confidences ``[N]`` (float64) for logits ``[N, vocab]``.
+
+    ``seed`` drives the noise of temperature sampling and random confidences (unused when greedy).
+    """
     if logits.shape[0] == 0:
         empty = logits.new_zeros(0)
         return empty.long(), empty.double()
@@ -70,7 +73,7 @@ def sample_tokens(
             logits.shape,
             dtype=torch.float64,
             device=logits.device,
-            generator=_generator(logits.device, spec.seed),
+            generator=_generator(logits.device, seed),
         )
         noisy = logits.double().exp() / (-torch.log(noise)) ** spec.temperature
         token_ids = noisy.argmax(dim=-1)
@@ -81,7 +84,7 @@ def sample_tokens(
             logits.shape[0],
             dtype=torch.float32,
             device=logits.device,
-            generator=_generator(logits.device, spec.seed ^ 0x5EED),
+            generator=_generator(logits.device, seed ^ 0x5EED),
         )
         return token_ids, rand.double()
     dtype = _SOFTMAX_DTYPES.get(spec.softmax_dtype, "bad")
@@ -91,4 +94,4 @@ def sample_tokens(
     return token_ids, _confidence(probs, token_ids, spec.policy).double()
 
 
-SampleFn = Callable[[torch.Tensor, SampleSpec, int], tuple[torch.Tensor, torch.Tensor]]
+SampleFn = Callable[[torch.Tensor, SampleSpec, int, int], tuple[torch.Tensor, torch.Tensor]]

@@ -88,18 +88,22 @@ class Strategy(ABC):
     def sample_spec(
         self, request: Request, softmax_dtype: str = "logits", policy: str | None = None
     ) -> SampleSpec:
-        params = request.params
-        seed = request.seed
-        return SampleSpec(
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            policy=policy or params.unmask_policy,
-            softmax_dtype=softmax_dtype,
-            # A per-request, per-forward seed: the noise a request sees does not depend on its batch.
-            seed=(seed * 1_000_003 + request.num_steps) & 0x7FFF_FFFF_FFFF,
-            cfg_scale=params.cfg_scale,
-        )
+        """The request's SampleSpec (built once per request; the runner adds the per-step seed)."""
+        key = ("_spec", softmax_dtype, policy)
+        spec = request.strategy_state.get(key)
+        if spec is None:
+            params = request.params
+            spec = SampleSpec(
+                temperature=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                policy=policy or params.unmask_policy,
+                softmax_dtype=softmax_dtype,
+                seed=request.seed,
+                cfg_scale=params.cfg_scale,
+            )
+            request.strategy_state[key] = spec
+        return spec
 
     def native_block_ids(self, positions: range | list[int], prompt_len: int = 0) -> list[int]:
         """Block ids for the model's own attention: all equal (bidirectional) or ``position // B``."""
