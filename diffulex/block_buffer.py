@@ -2,9 +2,9 @@
 
 A request contributes the blocks in its buffer to every step. A block moves
 dummy → active → complete → cached: *active* while it still has masks, *complete* once every token is
-decoded (its K/V not stored yet), *cached* once its K/V are in the paged cache (it then leaves the buffer).
-Fixed-shape strategies pad the buffer with dummy slots up to ``capacity`` blocks, so every request's
-query has the same shape (what CUDA-graph replay needs).
+decoded (its K/V not stored yet), *cached* once its K/V are in the paged cache (it then leaves the buffer). A buffer slot with no block is
+a *dummy*: on the CUDA-graph path the runner pads each request's query to ``capacity × block_size``
+tokens with dummy tokens (``step.DUMMY_BLOCK_ID``), so every request's query has the same shape.
 """
 
 from __future__ import annotations
@@ -28,16 +28,12 @@ class Block:
 
     ``fully_active`` is D2F's "complete" flag: a fully active block may commit its single most confident
     token when none passes the threshold; a semi-active one commits only above the threshold.
-    ``step`` counts the denoising steps this block has had (for per-block schedules); ``schedule`` holds
-    the tokens to unmask at each of its steps when the strategy uses a fixed schedule.
     """
 
     start: int
     size: int
     state: BlockState = BlockState.ACTIVE
     fully_active: bool = False
-    step: int = 0
-    schedule: list[int] = field(default_factory=list)
 
     @property
     def end(self) -> int:

@@ -46,6 +46,11 @@ class EngineConfig(BaseModel):
     max_waiting_reqs: int = Field(4096, ge=1, description="Waiting-queue limit; beyond it add_request fails.")
     enable_prefix_caching: bool = Field(True, description="Share full prompt pages across requests.")
     enforce_eager: bool = Field(False, description="Never capture CUDA graphs.")
+    cuda_graph_max_reqs: int = Field(128, ge=1, description="Largest running-request bucket captured.")
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="auto = Triton on CUDA, the torch reference on CPU."
+    )
+    fused_sampling: bool = Field(True, description="Greedy top-1/confidence with the Triton kernel on CUDA.")
     seed: int = Field(0, description="Default seed for requests without one.")
     # Strategy knobs (named as in the official code).
     cache_mode: Literal["prefix", "dual"] = Field("prefix", description="fast_dllm: prefix or dual cache.")

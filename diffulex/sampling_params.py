@@ -15,9 +15,13 @@ class SamplingParams:
 
     Defaults: ``max_tokens=64``, greedy (``temperature=0``), ``steps=None`` (= one token per step, i.e.
     ``max_tokens`` steps in total), ``threshold=None`` (fixed schedule), ``unmask_policy="probability"``.
-    ``steps`` is the total number of denoising steps of the whole generation (LLaDA's convention): a block
-    strategy gives each block ``steps / num_blocks``. ``threshold`` switches to confidence-threshold
-    unmasking (at least one token per step). ``ignore_eos=True`` returns exactly ``max_tokens`` tokens.
+    ``steps`` is the total number of denoising steps of the whole generation (LLaDA's convention):
+    ``vanilla`` and ``fast_dllm`` give each block ``steps / num_blocks``; ``block_diffusion`` uses
+    ``steps // num_blocks`` per block (``block_size`` when None); ``d2f``/``multi_bd`` ignore it.
+    ``threshold`` switches ``vanilla``/``fast_dllm`` to confidence-threshold unmasking (at least one
+    token per step), ``block_diffusion`` to dynamic remasking, and is the acceptance threshold of
+    ``d2f``/``multi_bd`` (0.9 when None). ``ignore_eos=True`` never stops at EOS, so the output has
+    ``max_tokens`` tokens unless a stop id or stop string cuts it.
     """
 
     max_tokens: int = 64

@@ -175,6 +175,6 @@ class SequenceOutput:
 
 @dataclass
 class StepOutput:
-    """Outputs of one step, one entry per sequence of the StepPlan (uncond twins get empty entries)."""
+    """Outputs of one step, one entry per sequence of the StepPlan (entries of uncond twins are unused)."""
 
     sequences: list[SequenceOutput]

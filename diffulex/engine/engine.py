@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import zlib
 from typing import Any
 
 from diffulex.config import EngineConfig
@@ -59,6 +60,9 @@ class Engine:
             ),
         )
         self.block_size = block_size
+        static_tokens = self.strategy.static_query_tokens()
+        if static_tokens is not None:
+            self.runner.enable_cuda_graphs(static_tokens, self.mask_token_id)
         self.kv_cache = KVCacheManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv_cache, self.strategy, config.max_num_reqs, config.max_num_batched_tokens
@@ -85,7 +89,12 @@ class Engine:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
         if self.scheduler.num_waiting >= self.config.max_waiting_reqs:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_reqs} requests)")
-        seed = params.seed if params.seed is not None else hash((self.config.seed, request_id)) & 0xFFFF_FFFF
+        # A stable hash (Python's str hash changes per process): the same id and engine seed, the same noise.
+        seed = (
+            params.seed
+            if params.seed is not None
+            else zlib.crc32(f"{self.config.seed}:{request_id}".encode())
+        )
         request = Request(
             request_id=request_id,
             prompt_ids=list(prompt_ids),

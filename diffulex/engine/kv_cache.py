@@ -2,7 +2,7 @@
 
 The K/V tensors themselves belong to the ModelRunner; this manager only decides which page holds which
 positions of which request. Full pages of committed tokens are registered under a hash chained over
-all tokens before them (and a per-strategy salt), so a later request with the same prefix adopts them
+all tokens before them (and an optional salt, 0 by default), so a later request with the same prefix adopts them
 instead of recomputing. A page whose last user leaves keeps its hash and stays matchable until the
 pool needs it back (least recently freed first).
 """

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from diffulex.config import EngineConfig
+from diffulex.engine.cuda_graphs import CudaGraphRunner
 from diffulex.layers.attention import Attention
 from diffulex.layers.context import AttentionContext, set_context, single_sequence_context
 from diffulex.models.loader import load_model
@@ -46,7 +47,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class ModelRunner:
     """Runs steps of the model over the paged KV cache (see module docstring)."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, model_and_spec: tuple[torch.nn.Module, ModelSpec] | None = None):
         self.config = config
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
@@ -54,12 +55,34 @@ class ModelRunner:
             # lengths) and its results are not batch-invariant; MKL's BLAS path is both fast and stable.
             torch.backends.mkldnn.enabled = False
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model, self.spec = load_model(config.model, self.dtype, self.device)
+        if model_and_spec is None:
+            model_and_spec = load_model(config.model, self.dtype, self.device)
+        self.model, self.spec = model_and_spec
         self.model.eval()
         self.page_size = config.page_size
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         self.num_pages = self._num_pages(self.max_model_len)
         self._allocate_kv_cache()
+        backend = config.attention_backend
+        if backend == "triton" and self.device.type != "cuda":
+            raise ValueError("attention_backend 'triton' needs a CUDA device; use 'torch' or 'auto' on CPU")
+        self.use_triton = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
+        self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
+        self.graphs: CudaGraphRunner | None = None
+
+    def enable_cuda_graphs(self, tokens_per_seq: int, pad_token_id: int) -> None:
+        """Capture the fixed-shape denoise step for every bucket of running-request counts."""
+        if self.device.type != "cuda" or self.config.enforce_eager or not self.use_triton:
+            return
+        self.graphs = CudaGraphRunner(
+            self.model,
+            tokens_per_seq,
+            min(self.config.max_num_reqs, self.config.cuda_graph_max_reqs),
+            self.max_pages_per_seq,
+            pad_token_id,
+            self.device,
+        )
+        self.graphs.capture()
 
     # ----- set-up -------------------------------------------------------------------------------------
     def _bytes_per_page(self) -> int:
@@ -95,7 +118,7 @@ class ModelRunner:
             for row, table in enumerate(plan.page_tables):
                 padded[row, : len(table)] = table
             tables = torch.from_numpy(padded).to(self.device)
-        return AttentionContext(
+        context = AttentionContext(
             cu_seqlens_q=plan.cu_seqlens,
             block_ids=torch.from_numpy(plan.block_ids).to(self.device),
             context_lens=plan.context_lens,
@@ -103,9 +126,30 @@ class ModelRunner:
             page_tables=tables,
             slot_mapping=torch.from_numpy(plan.slot_mapping).to(self.device),
         )
+        if self.use_triton:
+            lengths = np.diff(np.asarray(plan.cu_seqlens))
+            context.use_triton = True
+            context.cu_seqlens_q_t = torch.tensor(plan.cu_seqlens, dtype=torch.int32, device=self.device)
+            context.context_lens_t = torch.tensor(plan.context_lens, dtype=torch.int32, device=self.device)
+            holes = np.asarray(plan.context_holes, dtype=np.int32).reshape(-1, 2)
+            context.context_holes_t = torch.from_numpy(holes).to(self.device)
+            context.max_seqlen_q = int(lengths.max()) if lengths.size else 0
+            if context.page_tables is None:
+                context.page_tables = torch.full(
+                    (plan.num_sequences, 1), -1, dtype=torch.int32, device=self.device
+                )
+        return context
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, mask_token_id: int) -> StepOutput:
+        if self.graphs is not None and self.graphs.can_run(plan):
+            hidden_rows = self.graphs.run(plan)
+            logits = (
+                self.model.compute_logits(hidden_rows)
+                if hidden_rows.shape[0]
+                else hidden_rows.new_zeros(0, 1)
+            )
+            return self._sample(plan, logits, mask_token_id)
         input_ids = torch.from_numpy(plan.input_ids).to(self.device)
         positions = torch.from_numpy(plan.positions).to(self.device)
         set_context(self._context(plan))
@@ -138,13 +182,13 @@ class ModelRunner:
         for members in groups.values():
             spec = plan.sequences[members[0]].sample
             if sum(cu[i + 1] - cu[i] for i in members) == num_rows:
-                ids, conf = sample_tokens(logits, spec, mask_token_id)  # the common case: every row
+                ids, conf = self._greedy(logits, spec, mask_token_id)  # the common case: every row
                 token_ids.copy_(ids)
                 confidences.copy_(conf)
                 continue
             rows = torch.from_numpy(np.concatenate([np.arange(cu[i], cu[i + 1]) for i in members]))
             rows = rows.to(logits.device)
-            ids, conf = sample_tokens(logits[rows], spec, mask_token_id)
+            ids, conf = self._greedy(logits[rows], spec, mask_token_id)
             token_ids[rows] = ids
             confidences[rows] = conf
         for index in singles:
@@ -171,6 +215,24 @@ class ModelRunner:
                 failed = failed or bool(bad_rows[cu[twin] : cu[twin + 1]].any())
             outputs.append(SequenceOutput(ids_host[low:high], conf_host[low:high], failed=failed))
         return StepOutput(outputs)
+
+    def _greedy(
+        self, logits: torch.Tensor, spec: SampleSpec, mask_token_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy top-1 and confidence: the fused Triton kernel on CUDA, the torch reference elsewhere."""
+        fused = (
+            logits.is_cuda
+            and self.config.fused_sampling
+            and spec.softmax_dtype == "logits"
+            and spec.top_k == 0
+            and spec.top_p >= 1.0
+            and spec.policy in ("probability", "margin", "entropy")
+        )
+        if fused:
+            from diffulex.kernels.sampling import greedy_confidence_triton
+
+            return greedy_confidence_triton(logits, mask_token_id, spec.policy)
+        return sample_tokens(logits, spec, mask_token_id)
 
     # ----- research API -------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from diffulex.kernels import paged_attention_reference, store_kv_reference
-from diffulex.layers.context import get_context
+from diffulex.layers.context import AttentionContext, get_context
 
 
 class Attention(nn.Module):
@@ -30,6 +30,8 @@ class Attention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         context = get_context()
+        if context.use_triton:
+            return self._forward_triton(query, key, value, context)
         if self.k_cache is not None and self.v_cache is not None:
             store_kv_reference(key, value, self.k_cache, self.v_cache, context.slot_mapping)
         return paged_attention_reference(
@@ -44,4 +46,27 @@ class Attention(nn.Module):
             context.context_holes,
             context.page_tables,
             self.scale,
+        )
+
+    def _forward_triton(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context: AttentionContext
+    ) -> torch.Tensor:
+        from diffulex.kernels.paged_attention import paged_attention_triton, store_kv_triton
+
+        if self.k_cache is not None and self.v_cache is not None:
+            store_kv_triton(key, value, self.k_cache, self.v_cache, context.slot_mapping)
+        assert context.page_tables is not None, "the Triton path always has a (possibly dummy) page table"
+        return paged_attention_triton(
+            query,
+            key,
+            value,
+            self.k_cache,
+            self.v_cache,
+            context.cu_seqlens_q_t,
+            context.block_ids,
+            context.context_lens_t,
+            context.context_holes_t,
+            context.page_tables,
+            self.scale,
+            context.max_seqlen_q,
         )

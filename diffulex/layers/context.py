@@ -31,6 +31,13 @@ class AttentionContext:
     page_tables: torch.Tensor | None
     slot_mapping: torch.Tensor
     extras: dict = field(default_factory=dict)
+    # The GPU fast path: the same facts as device tensors (read by the Triton kernels without any host
+    # synchronisation, so the step can be captured in a CUDA graph).
+    use_triton: bool = False
+    cu_seqlens_q_t: torch.Tensor | None = None
+    context_lens_t: torch.Tensor | None = None
+    context_holes_t: torch.Tensor | None = None
+    max_seqlen_q: int = 0
 
 
 _CONTEXT: AttentionContext | None = None

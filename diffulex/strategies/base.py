@@ -35,12 +35,12 @@ class StrategyOptions:
 class Strategy(ABC):
     """Base class of decoding strategies; subclasses register under ``name``.
 
-    ``fixed_shape``: the per-request query has a constant shape across denoising steps, so the step
-    can replay a CUDA graph. ``uses_prefix_cache``: committed K/V of full pages may be shared.
+    ``static_query_tokens()``: when set, no denoise step of a request queries more tokens than this, so
+    the runner pads every request to it and replays a CUDA graph. ``uses_prefix_cache``: committed K/V
+    of full pages may be shared across requests.
     """
 
     name: ClassVar[str]
-    fixed_shape: ClassVar[bool] = False
     uses_prefix_cache: ClassVar[bool] = False
 
     def __init__(self, options: StrategyOptions):
@@ -56,6 +56,10 @@ class Strategy(ABC):
     def generation_length(self, request: Request) -> int:
         """Length of the generation region appended to the prompt (may round ``max_tokens`` up)."""
 
+    def static_query_tokens(self) -> int | None:
+        """Query tokens per request of every denoise step when they are fixed (CUDA-graph eligible)."""
+        return None
+
     def buffer_capacity(self, request: Request) -> int:
         """Blocks the request's Block Buffer holds at once."""
         return self.options.buffer_size or 1
@@ -65,7 +69,11 @@ class Strategy(ABC):
         return 0
 
     def start(self, request: Request) -> None:
-        """Initialise a (re)admitted request: region of masks; ``num_cached`` already holds prefix hits."""
+        """Initialise a (re)admitted request: the region of masks and the strategy state.
+
+        Runs before the prefix-cache lookup (which needs the region's length), so it must not depend on
+        ``num_cached``; plan() reads the hits from ``num_cached`` afterwards.
+        """
         request.tokens = list(request.prompt_ids) + [request.mask_token_id] * self.generation_length(request)
 
     @abstractmethod

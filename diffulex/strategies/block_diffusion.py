@@ -27,7 +27,6 @@ class BlockDiffusionStrategy(Strategy):
     """SDAR block diffusion (see module docstring)."""
 
     name = "block_diffusion"
-    fixed_shape = True
     uses_prefix_cache = True
 
     def _region_end(self, request: Request) -> int:
@@ -41,6 +40,9 @@ class BlockDiffusionStrategy(Strategy):
         if self.options.remasking is not None:
             return self.options.remasking
         return "dynamic" if request.params.threshold is not None else "static"
+
+    def static_query_tokens(self) -> int | None:
+        return self.block_size
 
     def generation_length(self, request: Request) -> int:
         return self._region_end(request) - request.num_prompt

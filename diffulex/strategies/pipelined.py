@@ -35,7 +35,6 @@ class PipelinedStrategy(Strategy):
     """Shared machinery of ``d2f`` and ``multi_bd`` (see module docstring)."""
 
     prompt_is_block: bool = False
-    fixed_shape = True
 
     # ----- geometry -----------------------------------------------------------------------------------
     def _first_block_start(self, request: Request) -> int:
@@ -57,6 +56,13 @@ class PipelinedStrategy(Strategy):
 
     def generation_length(self, request: Request) -> int:
         return self._region_end(request) - request.num_prompt
+
+    def static_query_tokens(self) -> int | None:
+        size = self._default_buffer_size()
+        return None if size is None else size * self.block_size
+
+    def _default_buffer_size(self) -> int | None:
+        return self.options.buffer_size
 
     def buffer_capacity(self, request: Request) -> int:
         if self.options.buffer_size is not None:
@@ -203,6 +209,9 @@ class MultiBDStrategy(PipelinedStrategy):
 
     name = "multi_bd"
     uses_prefix_cache = True
+
+    def _default_buffer_size(self) -> int | None:
+        return self.options.buffer_size or 2
 
     def buffer_capacity(self, request: Request) -> int:
         return self.options.buffer_size or 2
