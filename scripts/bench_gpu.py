@@ -1,0 +1,339 @@
+"""The H200 benchmark: Diffulex vs a Hugging Face eager baseline at the LLaDA-8B shape, random bf16 weights.
+
+One command on the device (`device` tool, nvidia-h200); every number comes from the same run:
+  0. ceilings: device copy bandwidth (bytes read + written) and the bf16 GEMM rate;
+  1. batch-1 step: one 32-token block over a 1,024-token cached context, vs the weight-read floor;
+  2. batch-1 end to end: 128-token prompt, 256 tokens, a fixed schedule of 4 tokens per forward,
+     Diffulex (block_diffusion over the paged cache) vs HF LLaMA eager with a bidirectional mask and the
+     LLaDA loop (full recompute every step). Random weights: confidences mean nothing, so both run the
+     fixed schedule; only speed is compared;
+  3. batched denoising at 1, 8, 32, 64, 128 running requests, block 32, buffer 1 and 2;
+  4. step time with CUDA graphs on and off.
+Writes <out>/bench_gpu.json and prints a table last.
+
+    python scripts/bench_gpu.py --out $OUT [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from diffulex import SamplingParams
+from diffulex.config import EngineConfig
+from diffulex.engine.engine import Engine
+from diffulex.engine.model_runner import ModelRunner
+from diffulex.models.llada import LLaDAModelLM
+
+LLADA_8B = {
+    "architectures": ["LLaDAModelLM"],
+    "model_type": "llada",
+    "d_model": 4096,
+    "n_layers": 32,
+    "n_heads": 32,
+    "n_kv_heads": 32,
+    "mlp_hidden_size": 12288,
+    "vocab_size": 126464,
+    "embedding_size": 126464,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "max_sequence_length": 4096,
+    "include_bias": False,
+    "weight_tying": False,
+    "mask_token_id": 126336,
+    "eos_token_id": 126081,
+    "pad_token_id": 126081,
+    "block_type": "llama",
+    "layer_norm_type": "rms",
+    "activation_type": "silu",
+}
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    from triton.testing import do_bench
+
+    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    bandwidth = 2 * src.numel() * src.element_size() / (copy_ms / 1000)
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    gemm_ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    return {"copy_bandwidth_gbs": bandwidth / 1e9, "gemm_tflops": 2 * n**3 / (gemm_ms / 1000) / 1e12}
+
+
+def build_model() -> tuple[LLaDAModelLM, int]:
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LLaDAModelLM(LLADA_8B)
+    torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.02)
+            else:
+                param.fill_(1.0)  # norm weights
+    model.eval().requires_grad_(False)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return model, weight_bytes
+
+
+def make_engine(model, folder: Path, **options) -> Engine:
+    config = EngineConfig(
+        model=str(folder),
+        dtype="bfloat16",
+        device="cuda",
+        page_size=32,
+        enable_prefix_caching=False,
+        max_model_len=2048,
+        kv_cache_memory_gb=options.pop("kv_gb", 40.0),
+        **options,
+    )
+    runner = ModelRunner(config, model_and_spec=(model, model.spec))
+    return Engine(config, runner=runner)
+
+
+def steady_step_ms(engine: Engine, steps: int) -> float:
+    def one() -> None:
+        engine.step()
+
+    return median_ms(one, steps, warmup=2)
+
+
+def drain(engine: Engine) -> None:
+    for request_id in list(engine.requests):
+        engine.abort(request_id)
+
+
+def bench_b1(model, folder: Path, weight_bytes: int, bandwidth: float, eager: bool) -> dict:
+    engine = make_engine(
+        model, folder, strategy="block_diffusion", block_size=32, max_num_reqs=8, enforce_eager=eager
+    )
+    engine.add_request([11] * 1024, SamplingParams(max_tokens=512, ignore_eos=True))
+    for _ in range(3):  # prefill, then denoise steps over 1,024 cached tokens
+        engine.step()
+    assert engine.requests and next(iter(engine.requests.values())).num_cached >= 1024
+    step_ms = steady_step_ms(engine, 30)
+    drain(engine)
+    floor_ms = 1000 * weight_bytes / bandwidth
+    return {"b1_step_ms": step_ms, "floor_ms": floor_ms, "ratio_to_floor": step_ms / floor_ms}
+
+
+def bench_e2e_diffulex(model, folder: Path) -> dict:
+    engine = make_engine(model, folder, strategy="block_diffusion", block_size=32, max_num_reqs=8)
+    params = SamplingParams(max_tokens=256, steps=64, ignore_eos=True)  # 8 blocks x 8 steps = 4 tokens/step
+    prompt = list(range(1000, 1128))
+    engine.add_request(prompt, params)
+    while engine.has_unfinished():
+        engine.step()  # warm-up run (Triton JIT, graph replay paths)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.add_request(prompt, params)
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "e2e_tps_diffulex": 256 / seconds,
+        "e2e_s_diffulex": seconds,
+        "e2e_forwards_diffulex": outputs[0].num_forwards,
+    }
+
+
+def bench_e2e_hf() -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=126464,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    prompt_len, gen, block, steps = 128, 256, 32, 64
+    mask_id = 126336
+    total = prompt_len + gen
+    # A 4-D additive mask of zeros: every position sees every position (LLaDA's bidirectional attention).
+    bidirectional = torch.zeros(1, 1, total, total, device="cuda", dtype=torch.bfloat16)
+
+    @torch.inference_mode()
+    def generate() -> int:
+        x = torch.full((1, total), mask_id, device="cuda", dtype=torch.long)
+        x[0, :prompt_len] = torch.arange(1000, 1000 + prompt_len)
+        forwards = 0
+        per_block = steps // (gen // block)
+        for b in range(gen // block):
+            lo, hi = prompt_len + b * block, prompt_len + (b + 1) * block
+            for _ in range(per_block):
+                logits = model(input_ids=x, attention_mask=bidirectional).logits[0]
+                forwards += 1
+                masked = x[0] == mask_id
+                probs = torch.softmax(logits.float(), dim=-1)
+                conf, x0 = probs.max(dim=-1)
+                conf = torch.where(masked, conf, torch.full_like(conf, -1.0))
+                conf[:lo] = -1.0
+                conf[hi:] = -1.0
+                chosen = torch.topk(conf, block // per_block).indices
+                x[0, chosen] = x0[chosen]
+        return forwards
+
+    generate()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    forwards = generate()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    forward_ms = median_ms(
+        lambda: model(
+            input_ids=torch.zeros(1, total, dtype=torch.long, device="cuda"), attention_mask=bidirectional
+        ),
+        10,
+    )
+    return {
+        "e2e_tps_hf": gen / seconds,
+        "e2e_s_hf": seconds,
+        "e2e_forwards_hf": forwards,
+        "hf_forward_ms_384": forward_ms,
+    }
+
+
+def bench_batched(
+    model,
+    folder: Path,
+    counts: list[int],
+    buffer: int,
+    gemm_tflops: float,
+    params_nonembed: int,
+    eager: bool = False,
+) -> list[dict]:
+    strategy = "block_diffusion" if buffer == 1 else "multi_bd"
+    options = {"buffer_size": buffer} if buffer > 1 else {}
+    engine = make_engine(
+        model,
+        folder,
+        strategy=strategy,
+        block_size=32,
+        max_num_reqs=max(counts),
+        kv_gb=60.0,
+        cuda_graph_max_reqs=max(counts),
+        enforce_eager=eager,
+        block_add_threshold=0.1,
+        **options,
+    )
+    rows = []
+    for count in counts:
+        for index in range(count):
+            engine.add_request(
+                [100 + index] * 128, SamplingParams(max_tokens=512, ignore_eos=True, threshold=0.99)
+            )
+        for _ in range(6):  # admission + prefill + reach the steady buffer
+            engine.step()
+        step_ms = steady_step_ms(engine, 10)
+        tokens = count * 32 * buffer
+        flops = 2 * params_nonembed * tokens
+        rows.append(
+            {
+                "buffer": buffer,
+                "requests": count,
+                "step_ms": step_ms,
+                "tokens_per_s": tokens / (step_ms / 1000),
+                "gemm_fraction": flops / (step_ms / 1000) / (gemm_tflops * 1e12),
+                "graphs": not eager,
+            }
+        )
+        drain(engine)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--quick", action="store_true", help="fewer batch sizes (smoke test)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "model_shape": "LLaDA-8B (d_model 4096, 32 layers, 32 heads, MLP 12288, vocab 126464), random bf16 weights",
+        "torch": torch.__version__,
+    }
+    result.update(ceilings())
+    print(json.dumps(result), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "config.json").write_text(json.dumps(LLADA_8B))
+        model, weight_bytes = build_model()
+        result["weight_gb"] = weight_bytes / 1e9
+        embed = LLADA_8B["vocab_size"] * LLADA_8B["d_model"]
+        params_nonembed = weight_bytes // 2 - 2 * embed  # the per-token GEMM work: layers only
+        bandwidth = result["copy_bandwidth_gbs"] * 1e9
+        graphs = bench_b1(model, folder, weight_bytes, bandwidth, eager=False)
+        eager = bench_b1(model, folder, weight_bytes, bandwidth, eager=True)
+        result.update(graphs)
+        result["b1_step_ms_eager"] = eager["b1_step_ms"]
+        print(json.dumps(result), flush=True)
+        result.update(bench_e2e_diffulex(model, folder))
+        counts = [1, 8, 64] if args.quick else [1, 8, 32, 64, 128]
+        batched = bench_batched(model, folder, counts, 1, result["gemm_tflops"], params_nonembed)
+        batched += bench_batched(model, folder, counts, 2, result["gemm_tflops"], params_nonembed)
+        result["batched"] = batched
+        at64 = [r for r in batched if r["requests"] == 64 and r["buffer"] == 1]
+        result["gemm_fraction_at_64"] = at64[0]["gemm_fraction"] if at64 else None
+        del model
+        torch.cuda.empty_cache()
+    result.update(bench_e2e_hf())
+    result["e2e_speedup"] = result["e2e_tps_diffulex"] / result["e2e_tps_hf"]
+    (args.out / "bench_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(f"{result['device']}  {result['date']}  {result['model_shape']}")
+    print(
+        f"copy {result['copy_bandwidth_gbs']:.0f} GB/s   bf16 GEMM {result['gemm_tflops']:.0f} TFLOP/s   weights {result['weight_gb']:.2f} GB"
+    )
+    print(
+        f"b1 step (32 tok / 1024 ctx): {result['b1_step_ms']:.2f} ms graphs, {result['b1_step_ms_eager']:.2f} ms eager; floor {result['floor_ms']:.2f} ms; ratio {result['ratio_to_floor']:.2f}"
+    )
+    print(
+        f"e2e b1 (128+256, 4 tok/fwd): Diffulex {result['e2e_tps_diffulex']:.1f} tok/s ({result['e2e_forwards_diffulex']} fwd), HF {result['e2e_tps_hf']:.1f} tok/s ({result['e2e_forwards_hf']} fwd), x{result['e2e_speedup']:.2f}"
+    )
+    print(f"{'buffer':>6} {'reqs':>5} {'step ms':>9} {'tok/s':>10} {'GEMM frac':>9}")
+    for row in result["batched"]:
+        print(
+            f"{row['buffer']:>6} {row['requests']:>5} {row['step_ms']:>9.2f} {row['tokens_per_s']:>10.0f} {row['gemm_fraction']:>9.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""On the GPU (Triton attention, fused sampling, CUDA graphs) the engine gives the CPU's greedy tokens.
+
+Tiny random checkpoints in float32: both paths compute in fp32 (no TF32), so greedy tokens agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffulex import SamplingParams
+from tests.strategy_cases import CASES
+
+pytestmark = pytest.mark.gpu
+
+GPU_CASES = [
+    c for c in CASES if c.name in ("vanilla", "fast_dllm_dual", "block_diffusion", "multi_bd", "d2f")
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+def test_gpu_matches_cpu(case, tiny_paths, make_llm) -> None:
+    prompts = [[17, 5, 42], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [30 + i for i in range(21)]]
+    params = SamplingParams(max_tokens=16, ignore_eos=True, **case.params)
+    cpu = make_llm(tiny_paths[case.family], **case.options, page_size=8).generate(prompts, params)
+    gpu_llm = make_llm(tiny_paths[case.family], **case.options, page_size=8, device="cuda", dtype="float32")
+    assert gpu_llm.engine.runner.use_triton
+    gpu = gpu_llm.generate(prompts, params)
+    assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
+    assert [o.num_forwards for o in gpu] == [o.num_forwards for o in cpu]
+    if gpu_llm.engine.strategy.static_query_tokens() is not None:
+        assert gpu_llm.engine.runner.graphs is not None and gpu_llm.engine.runner.graphs.graphs

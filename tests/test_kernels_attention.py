@@ -1,0 +1,385 @@
+"""Triton paged attention / K/V store against the plain-torch reference.
+
+CPU: the kernels run under the Triton interpreter, which needs ``TRITON_INTERPRET=1`` before triton is
+imported, so one subprocess (this file run as a script) runs every CPU case and reports the errors as
+JSON; the tests below only read that report. GPU (``-m gpu``): bf16 at a realistic shape, in process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from diffulex.kernels.attention_ref import paged_attention_reference, store_kv_reference
+
+PAD_ID = 2**40  # the block id of padding tokens: no real token ever sees them
+
+
+@dataclass
+class Case:
+    """One attention step: per-sequence query lengths, context lengths, holes and block-id pattern."""
+
+    name: str
+    q_lens: list[int]
+    ctx_lens: list[int]
+    holes: list[tuple[int, int]] | None = None
+    mask: str = "bidirectional"  # bidirectional | block_causal | padding
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    page_size: int = 4
+    block_size: int = 2  # block-causal block length (in tokens)
+    num_pad: int = 2  # padding tokens at the end of each sequence of length > num_pad ("padding" mode)
+    extra_q: int = 0  # max_seqlen_q beyond the longest query (a grid padded for CUDA graphs)
+    ids_dtype: torch.dtype = torch.int64
+    strided_qkv: bool = False  # q/k/v as slices of one packed projection (non-contiguous)
+    poison: bool = False  # NaN in cache slots no query sees (holes, page tails, spare pages): must not leak
+    kwargs: dict = field(default_factory=dict)  # tile-size overrides
+
+
+CPU_CASES = [
+    Case("no_context_bidirectional", [3, 1, 5], [0, 0, 0]),
+    Case("context_partial_and_several_pages", [2, 1, 4, 3], [0, 3, 13, 8], mask="block_causal"),
+    Case("hole_dual_cache", [4, 4], [12, 9], holes=[(4, 8), (8, 9)]),
+    Case("hole_at_start_block_causal", [5, 2], [10, 6], holes=[(0, 4), (2, 2)], mask="block_causal"),
+    Case("padding_huge_ids", [6, 4, 1], [5, 0, 7], mask="padding"),
+    Case("padding_int32_ids", [5, 3], [4, 9], mask="padding", ids_dtype=torch.int32),
+    Case("gqa_kv1", [3, 2], [6, 11], heads=4, kv_heads=1, mask="block_causal"),
+    Case("mha_kv4", [2, 3], [7, 1], heads=4, kv_heads=4),
+    Case("head_dim_24", [4, 1, 3], [9, 0, 5], holes=[(2, 5), (0, 0), (0, 0)], head_dim=24),
+    Case("head_dim_32_page_8", [3, 6], [17, 8], head_dim=32, page_size=8, mask="block_causal", block_size=3),
+    Case("multi_tile_queries_and_keys", [37, 20], [40, 3], mask="block_causal", block_size=8, page_size=8),
+    Case("empty_sequence_and_padded_grid", [3, 0, 2], [5, 4, 0], extra_q=20),
+    Case("strided_qkv", [4, 2], [6, 10], strided_qkv=True, mask="block_causal"),
+    Case("tiles_16x32_override", [18, 5], [33, 2], mask="padding", kwargs={"block_m": 16, "block_n": 32}),
+    Case("nan_in_unseen_cache_slots", [6, 5], [12, 7], holes=[(4, 8), (0, 0)], mask="padding", poison=True),
+]
+
+
+def build_case(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+    """Random tensors for a case, in both the reference's (lists) and the kernel's (tensors) forms."""
+    gen = torch.Generator().manual_seed(seed)
+    num_seqs = len(case.q_lens)
+    num_tokens = sum(case.q_lens)
+    heads, kv_heads, dim, page = case.heads, case.kv_heads, case.head_dim, case.page_size
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    if case.strided_qkv:
+        qkv = rand(num_tokens, (heads + 2 * kv_heads) * dim)
+        query = qkv[:, : heads * dim].view(num_tokens, heads, dim)
+        key = qkv[:, heads * dim : (heads + kv_heads) * dim].view(num_tokens, kv_heads, dim)
+        value = qkv[:, (heads + kv_heads) * dim :].view(num_tokens, kv_heads, dim)
+    else:
+        query, key, value = (
+            rand(num_tokens, heads, dim),
+            rand(num_tokens, kv_heads, dim),
+            rand(num_tokens, kv_heads, dim),
+        )
+
+    pages_needed = [(n + page - 1) // page for n in case.ctx_lens]
+    num_pages = sum(pages_needed) + 3  # spare pages hold garbage that must never be read
+    k_cache, v_cache = rand(num_pages, page, kv_heads, dim), rand(num_pages, page, kv_heads, dim)
+    order = torch.randperm(num_pages, generator=gen).tolist()  # scattered pages: exercises the page table
+    max_pages = max(1, max(pages_needed))
+    page_tables = torch.full((num_seqs, max_pages), -1, dtype=torch.int32)
+    for seq, needed in enumerate(pages_needed):
+        page_tables[seq, :needed] = torch.tensor(order[:needed], dtype=torch.int32)
+        order = order[needed:]
+
+    ids: list[int] = []
+    for q_len in case.q_lens:
+        for i in range(q_len):
+            if case.mask == "bidirectional":
+                ids.append(7)
+            elif case.mask == "block_causal":
+                ids.append(i // case.block_size)
+            elif case.mask == "padding":
+                real = q_len - case.num_pad if q_len > case.num_pad else q_len
+                ids.append(i // case.block_size if i < real else PAD_ID)
+            else:
+                raise ValueError(case.mask)
+    block_ids = torch.tensor(ids, dtype=torch.int64)
+    holes = case.holes or [(0, 0)] * num_seqs
+    cu = [0]
+    for q_len in case.q_lens:
+        cu.append(cu[-1] + q_len)
+    max_seqlen_q = max(case.q_lens) + case.extra_q
+    return {
+        "query": query.to(device),
+        "key": key.to(device),
+        "value": value.to(device),
+        "k_cache": k_cache.to(device),
+        "v_cache": v_cache.to(device),
+        "cu": cu,
+        "block_ids": block_ids.to(device),
+        "ctx_lens": list(case.ctx_lens),
+        "holes": holes,
+        "page_tables": page_tables.to(device),
+        "scale": dim**-0.5,
+        "max_seqlen_q": max_seqlen_q,
+        "kernel_ids": (block_ids.clamp(max=2**31 - 1) if case.ids_dtype == torch.int32 else block_ids)
+        .to(case.ids_dtype)
+        .to(device),
+    }
+
+
+def run_reference(data: dict) -> torch.Tensor:
+    return paged_attention_reference(
+        data["query"],
+        data["key"],
+        data["value"],
+        data["k_cache"],
+        data["v_cache"],
+        data["cu"],
+        data["block_ids"],
+        data["ctx_lens"],
+        data["holes"],
+        data["page_tables"],
+        data["scale"],
+    )
+
+
+def run_kernel(data: dict, **kwargs) -> torch.Tensor:
+    from diffulex.kernels.paged_attention import paged_attention_triton
+
+    device = data["query"].device
+    no_cache = not any(data["ctx_lens"])
+    return paged_attention_triton(
+        data["query"],
+        data["key"],
+        data["value"],
+        None if no_cache else data["k_cache"],
+        None if no_cache else data["v_cache"],
+        torch.tensor(data["cu"], dtype=torch.int32, device=device),
+        data["kernel_ids"],
+        torch.tensor(data["ctx_lens"], dtype=torch.int32, device=device),
+        torch.tensor(data["holes"], dtype=torch.int32, device=device).view(-1, 2),
+        data["page_tables"][:, :1] if no_cache else data["page_tables"],
+        data["scale"],
+        data["max_seqlen_q"],
+        **kwargs,
+    )
+
+
+def _real_rows(data: dict) -> torch.Tensor:
+    return torch.arange(data["cu"][-1], device=data["query"].device)
+
+
+def poison_unseen(case: Case, data: dict) -> None:
+    """Put NaN in the cache where no query looks: hole positions, the unused tail of a sequence's last
+    page, pages nobody owns. (Not in the step's own padding K/V: a padding row shares its tile with real
+    rows, and a masked NaN key still poisons them through 0 * NaN, in the reference as in the kernel.)"""
+    page = case.page_size
+    for seq, ((start, end), ctx_len) in enumerate(zip(data["holes"], data["ctx_lens"])):
+        num_pages = (ctx_len + page - 1) // page
+        for pos in [*range(start, end), *range(ctx_len, num_pages * page)]:
+            page_id = int(data["page_tables"][seq, pos // page])
+            data["k_cache"][page_id, pos % page] = float("nan")
+            data["v_cache"][page_id, pos % page] = float("nan")
+    owned = set(data["page_tables"][data["page_tables"] >= 0].tolist())
+    for page_id in range(data["k_cache"].shape[0]):
+        if page_id not in owned:
+            data["k_cache"][page_id] = float("nan")
+            data["v_cache"][page_id] = float("nan")
+
+
+def kernel_and_reference(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> tuple:
+    """The kernel's and the reference's outputs on the rows that are compared."""
+    data = build_case(case, dtype, device, seed)
+    rows = _real_rows(data)
+    ref = run_reference(data)
+    if case.poison:  # the reference sees the clean values; the kernel must not depend on the poisoned ones
+        poison_unseen(case, data)
+    got = run_kernel(data, **case.kwargs)
+    return got[rows], ref[rows]
+
+
+def _store_kv_error(dtype: torch.dtype, cache_dtype: torch.dtype, device: str) -> float:
+    from diffulex.kernels.paged_attention import store_kv_triton
+
+    gen = torch.Generator().manual_seed(3)
+    num_tokens, kv_heads, dim, pages, page = 7, 2, 24, 4, 4
+    key = torch.randn(num_tokens, kv_heads, dim, generator=gen).to(dtype).to(device)
+    value = torch.randn(num_tokens, kv_heads, dim, generator=gen).to(dtype).to(device)
+    slots = torch.tensor([5, -1, 0, 15, -1, 9, 2], dtype=torch.int64, device=device)
+    caches = [
+        torch.randn(pages, page, kv_heads, dim, generator=gen).to(cache_dtype).to(device) for _ in range(2)
+    ]
+    expected = [c.clone() for c in caches]
+    store_kv_reference(key, value, expected[0], expected[1], slots)
+    store_kv_triton(key, value, caches[0], caches[1], slots)
+    return max((a.float() - b.float()).abs().max().item() for a, b in zip(caches, expected))
+
+
+def run_cpu_checks() -> dict[str, float | str]:
+    """Every CPU case under the interpreter: name -> max abs error (or the error text)."""
+    results: dict[str, float | str] = {}
+    for case in CPU_CASES:
+        try:
+            got, ref = kernel_and_reference(case, torch.float32, "cpu")
+            results[case.name] = "NaN in output" if got.isnan().any() else (got - ref).abs().max().item()
+        except Exception as exc:  # report, don't crash the whole batch
+            results[case.name] = f"{type(exc).__name__}: {exc}"
+    for name, dtype, cache_dtype in [("store_kv_fp32", torch.float32, torch.float32)]:
+        try:
+            results[name] = _store_kv_error(dtype, cache_dtype, "cpu")
+        except Exception as exc:
+            results[name] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+# ---- CPU tests: one interpreter subprocess for all cases -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cpu_report() -> dict[str, float | str]:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", [case.name for case in CPU_CASES])
+def test_paged_attention_interpreter_matches_reference(cpu_report: dict, name: str) -> None:
+    error = cpu_report[name]
+    assert isinstance(error, float), error
+    assert error < 1e-4, f"{name}: max abs error {error}"
+
+
+def test_store_kv_interpreter_matches_reference(cpu_report: dict) -> None:
+    error = cpu_report["store_kv_fp32"]
+    assert isinstance(error, float), error
+    assert error == 0.0
+
+
+# ---- GPU tests (-m gpu) ---------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _realistic_case(kv_heads: int, mask: str) -> Case:
+    return Case(
+        f"realistic_{kv_heads}_{mask}",
+        q_lens=[32, 32],
+        ctx_lens=[1024, 1024],
+        holes=[(0, 0), (992, 1024)] if mask == "bidirectional" else None,
+        mask=mask,
+        heads=32,
+        kv_heads=kv_heads,
+        head_dim=128,
+        page_size=32,
+        block_size=8,
+        num_pad=3,
+    )
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kv_heads", [32, 8])
+@pytest.mark.parametrize("mask", ["bidirectional", "block_causal", "padding"])
+def test_paged_attention_gpu_bf16(kv_heads: int, mask: str) -> None:
+    data = build_case(_realistic_case(kv_heads, mask), torch.bfloat16, "cuda")
+    got = run_kernel(data)
+    ref = run_reference(data)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda case: case.name)
+def test_paged_attention_gpu_small_cases_fp32(case: Case) -> None:
+    got, ref = kernel_and_reference(case, torch.float32, "cuda")
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paged_attention_gpu_half_small_cases(dtype: torch.dtype) -> None:
+    for case in CPU_CASES:
+        got, ref = kernel_and_reference(case, dtype, "cuda")
+        torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=0, msg=case.name)
+
+
+@pytest.mark.gpu
+@gpu
+def test_paged_attention_gpu_cuda_graph_replay_with_new_lengths() -> None:
+    """The grid depends only on (S, H, max_seqlen_q): one captured launch serves other lengths."""
+    first = build_case(_realistic_case(8, "block_causal"), torch.bfloat16, "cuda", seed=1)
+    second = build_case(
+        Case("second", [17, 32], [70, 1000], holes=[(32, 64), (0, 0)], mask="padding", heads=32, kv_heads=8,
+             head_dim=128, page_size=32, block_size=8),
+        torch.bfloat16,
+        "cuda",
+        seed=2,
+    )  # fmt: skip
+    device = "cuda"
+    num_tokens = 64
+    static = {
+        "query": first["query"].clone(),
+        "key": first["key"].clone(),
+        "value": first["value"].clone(),
+        "k_cache": first["k_cache"].clone(),
+        "v_cache": first["v_cache"].clone(),
+        "cu": torch.tensor(first["cu"], dtype=torch.int32, device=device),
+        "ids": first["kernel_ids"].clone(),
+        "ctx": torch.tensor(first["ctx_lens"], dtype=torch.int32, device=device),
+        "holes": torch.tensor(first["holes"], dtype=torch.int32, device=device),
+        "pt": torch.full((2, 40), -1, dtype=torch.int32, device=device),
+    }
+    from diffulex.kernels.paged_attention import paged_attention_triton
+
+    def launch() -> torch.Tensor:
+        return paged_attention_triton(
+            static["query"], static["key"], static["value"], static["k_cache"], static["v_cache"],
+            static["cu"], static["ids"], static["ctx"], static["holes"], static["pt"], first["scale"], 32,
+        )  # fmt: skip
+
+    launch()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = launch()
+    for data in (first, second):
+        assert data["query"].shape[0] <= num_tokens
+        n = data["query"].shape[0]
+        static["query"].zero_()
+        static["query"][:n].copy_(data["query"])
+        static["key"][:n].copy_(data["key"])
+        static["value"][:n].copy_(data["value"])
+        static["k_cache"][: data["k_cache"].shape[0]].copy_(data["k_cache"])
+        static["cu"].copy_(torch.tensor(data["cu"], dtype=torch.int32))
+        static["ids"][:n].copy_(data["kernel_ids"])
+        static["ctx"].copy_(torch.tensor(data["ctx_lens"], dtype=torch.int32))
+        static["holes"].copy_(torch.tensor(data["holes"], dtype=torch.int32))
+        static["pt"].fill_(-1)
+        static["pt"][:, : data["page_tables"].shape[1]].copy_(data["page_tables"])
+        static["v_cache"][: data["v_cache"].shape[0]].copy_(data["v_cache"])
+        graph.replay()
+        torch.cuda.synchronize()
+        rows = _real_rows(data)
+        ref = run_reference(data)[rows]
+        torch.testing.assert_close(out[rows].float(), ref.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
+def test_store_kv_gpu(cache_dtype: torch.dtype) -> None:
+    assert _store_kv_error(torch.bfloat16, cache_dtype, "cuda") == 0.0
+
+
+if __name__ == "__main__":  # the interpreter subprocess of the CPU tests
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    print(json.dumps(run_cpu_checks()))
