@@ -56,15 +56,31 @@ LLADA_8B = {
 }
 
 
+DEVICE = "cuda"
+TINY = {
+    "d_model": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 4,
+    "mlp_hidden_size": 128,
+    "vocab_size": 130000,
+}
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def median_ms(fn, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times)
 
@@ -72,13 +88,13 @@ def median_ms(fn, repeats: int, warmup: int = 3) -> float:
 def ceilings() -> dict:
     from triton.testing import do_bench
 
-    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+    src = torch.randn(1 << 30, device=DEVICE, dtype=torch.bfloat16)  # 2 GiB
     dst = torch.empty_like(src)
     copy_ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
     bandwidth = 2 * src.numel() * src.element_size() / (copy_ms / 1000)
     n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     gemm_ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
     return {"copy_bandwidth_gbs": bandwidth / 1e9, "gemm_tflops": 2 * n**3 / (gemm_ms / 1000) / 1e12}
 
@@ -86,8 +102,8 @@ def ceilings() -> dict:
 def build_model() -> tuple[LLaDAModelLM, int]:
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    torch.set_default_dtype(torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    with torch.device(DEVICE):
         model = LLaDAModelLM(LLADA_8B)
     torch.set_default_dtype(previous)
     with torch.no_grad():
@@ -104,8 +120,8 @@ def build_model() -> tuple[LLaDAModelLM, int]:
 def make_engine(model, folder: Path, **options) -> Engine:
     config = EngineConfig(
         model=str(folder),
-        dtype="bfloat16",
-        device="cuda",
+        dtype="bfloat16" if DEVICE == "cuda" else "float32",
+        device=DEVICE,
         page_size=32,
         enable_prefix_caching=False,
         max_model_len=2048,
@@ -149,13 +165,13 @@ def bench_e2e_diffulex(model, folder: Path) -> dict:
     engine.add_request(prompt, params)
     while engine.has_unfinished():
         engine.step()  # warm-up run (Triton JIT, graph replay paths)
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     engine.add_request(prompt, params)
     outputs = []
     while engine.has_unfinished():
         outputs += engine.step()
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - start
     return {
         "e2e_tps_diffulex": 256 / seconds,
@@ -168,12 +184,12 @@ def bench_e2e_hf() -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=126464,
+        hidden_size=LLADA_8B["d_model"],
+        intermediate_size=LLADA_8B["mlp_hidden_size"],
+        num_hidden_layers=LLADA_8B["n_layers"],
+        num_attention_heads=LLADA_8B["n_heads"],
+        num_key_value_heads=LLADA_8B["n_kv_heads"],
+        vocab_size=LLADA_8B["vocab_size"],
         rope_theta=500000.0,
         rms_norm_eps=1e-5,
         max_position_embeddings=4096,
@@ -181,17 +197,21 @@ def bench_e2e_hf() -> dict:
         attn_implementation="eager",
     )
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in bf16 directly: no fp32 copy of 8B parameters
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(previous)
     prompt_len, gen, block, steps = 128, 256, 32, 64
     mask_id = 126336
     total = prompt_len + gen
     # A 4-D additive mask of zeros: every position sees every position (LLaDA's bidirectional attention).
-    bidirectional = torch.zeros(1, 1, total, total, device="cuda", dtype=torch.bfloat16)
+    bidirectional = torch.zeros(1, 1, total, total, device=DEVICE, dtype=model.dtype)
 
     @torch.inference_mode()
     def generate() -> int:
-        x = torch.full((1, total), mask_id, device="cuda", dtype=torch.long)
+        x = torch.full((1, total), mask_id, device=DEVICE, dtype=torch.long)
         x[0, :prompt_len] = torch.arange(1000, 1000 + prompt_len)
         forwards = 0
         per_block = steps // (gen // block)
@@ -211,14 +231,14 @@ def bench_e2e_hf() -> dict:
         return forwards
 
     generate()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     forwards = generate()
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - start
     forward_ms = median_ms(
         lambda: model(
-            input_ids=torch.zeros(1, total, dtype=torch.long, device="cuda"), attention_mask=bidirectional
+            input_ids=torch.zeros(1, total, dtype=torch.long, device=DEVICE), attention_mask=bidirectional
         ),
         10,
     )
@@ -282,15 +302,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes (smoke test)")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny shape on the CPU: checks the script runs"
+    )
     args = parser.parse_args()
+    if args.cpu_smoke:
+        global DEVICE
+        DEVICE = "cpu"
+        LLADA_8B.update(TINY, embedding_size=TINY["vocab_size"])
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke test)",
         "date": datetime.date.today().isoformat(),
         "model_shape": "LLaDA-8B (d_model 4096, 32 layers, 32 heads, MLP 12288, vocab 126464), random bf16 weights",
         "torch": torch.__version__,
     }
-    result.update(ceilings())
+    result.update(ceilings() if DEVICE == "cuda" else {"copy_bandwidth_gbs": 10.0, "gemm_tflops": 1.0})
     print(json.dumps(result), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
