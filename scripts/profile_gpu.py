@@ -28,7 +28,9 @@ def main() -> None:
         (folder / "config.json").write_text(json.dumps(LLADA_8B))
         model, _ = build_model()
         for eager in (True, False):
-            engine = make_engine(model, folder, strategy="block_diffusion", block_size=32, max_num_reqs=8, enforce_eager=eager)
+            engine = make_engine(
+                model, folder, strategy="block_diffusion", block_size=32, max_num_reqs=8, enforce_eager=eager
+            )
             engine.add_request([11] * 1024, SamplingParams(max_tokens=512, ignore_eos=True))
             for _ in range(5):
                 engine.step()
@@ -39,12 +41,16 @@ def main() -> None:
                 engine.step()
             end.record()
             torch.cuda.synchronize()
-            print(f"{'eager' if eager else 'graphs'}: {start.elapsed_time(end) / 10:.3f} ms per engine step (events)")
+            print(
+                f"{'eager' if eager else 'graphs'}: {start.elapsed_time(end) / 10:.3f} ms per engine step (events)"
+            )
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
                     engine.step()
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+            table = prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=30, max_name_column_width=70
+            )
             (args.out / f"profile_{'eager' if eager else 'graphs'}.txt").write_text(table)
             print(table[:6000])
             for request_id in list(engine.requests):

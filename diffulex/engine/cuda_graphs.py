@@ -152,7 +152,8 @@ class CudaGraphRunner:
         ]
         for target, source in copies:
             target[: source.shape[0]].copy_(torch.from_numpy(source), non_blocking=True)
+        # Copied before the replay: a pageable copy queued after it would block the host until it ends.
+        rows = torch.from_numpy(padded[plan.sample_rows]).to(self.device, non_blocking=True)
         captured = self.graphs[bucket]
         captured.graph.replay()
-        rows = torch.from_numpy(padded[plan.sample_rows]).to(self.device, non_blocking=True)
         return captured.hidden[rows]

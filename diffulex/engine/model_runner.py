@@ -202,9 +202,16 @@ class ModelRunner:
             ids, conf = sample_tokens(seq_logits, seq.sample, mask_token_id, seed)
             token_ids[cu[index] : cu[index + 1]] = ids
             confidences[cu[index] : cu[index + 1]] = conf
-        ids_host = token_ids.cpu().numpy()
-        conf_host = confidences.cpu().numpy()
-        bad_rows = torch.isnan(logits).any(dim=-1).cpu().numpy() if num_rows else np.zeros(0, dtype=bool)
+        # One device→host copy for ids, confidences and the NaN flags (ids < 2**53 are exact in float64).
+        bad = (
+            torch.isnan(logits).any(dim=-1)
+            if num_rows
+            else torch.zeros(0, dtype=torch.bool, device=logits.device)
+        )
+        host = torch.stack([token_ids.double(), confidences, bad.double()]).cpu().numpy()
+        ids_host = host[0].astype(np.int64)
+        conf_host = host[1]
+        bad_rows = host[2] > 0
         any_bad = bool(bad_rows.any())
         outputs: list[SequenceOutput] = []
         for index in range(len(plan.sequences)):
