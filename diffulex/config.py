@@ -66,6 +66,11 @@ class EngineConfig(BaseModel):
     remasking: Literal["static", "dynamic", "sequential"] | None = Field(
         None, description="block_diffusion (SDAR) rule; None = dynamic with a threshold, else static."
     )
+    fuse_block_store: bool = Field(
+        False,
+        description="block_diffusion: store a finished block in the next block's first forward "
+        "(same tokens, one forward less per block than SDAR).",
+    )
     vanilla_schedule: Literal["auto", "llada", "dream"] = Field(
         "auto", description="vanilla: LLaDA per-block even split or Dream linspace schedule; auto = family."
     )

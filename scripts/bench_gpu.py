@@ -158,8 +158,15 @@ def bench_b1(model, folder: Path, weight_bytes: int, bandwidth: float, eager: bo
     return {"b1_step_ms": step_ms, "floor_ms": floor_ms, "ratio_to_floor": step_ms / floor_ms}
 
 
-def bench_e2e_diffulex(model, folder: Path) -> dict:
-    engine = make_engine(model, folder, strategy="block_diffusion", block_size=32, max_num_reqs=8)
+def bench_e2e_diffulex(model, folder: Path, fuse_block_store: bool) -> dict:
+    engine = make_engine(
+        model,
+        folder,
+        strategy="block_diffusion",
+        block_size=32,
+        max_num_reqs=8,
+        fuse_block_store=fuse_block_store,
+    )
     params = SamplingParams(max_tokens=256, steps=64, ignore_eos=True)  # 8 blocks x 8 steps = 4 tokens/step
     prompt = list(range(1000, 1128))
     engine.add_request(prompt, params)
@@ -173,10 +180,11 @@ def bench_e2e_diffulex(model, folder: Path) -> dict:
         outputs += engine.step()
     sync()
     seconds = time.perf_counter() - start
+    suffix = "" if fuse_block_store else "_sdar_store"
     return {
-        "e2e_tps_diffulex": 256 / seconds,
-        "e2e_s_diffulex": seconds,
-        "e2e_forwards_diffulex": outputs[0].num_forwards,
+        f"e2e_tps_diffulex{suffix}": 256 / seconds,
+        f"e2e_s_diffulex{suffix}": seconds,
+        f"e2e_forwards_diffulex{suffix}": outputs[0].num_forwards,
     }
 
 
@@ -332,7 +340,8 @@ def main() -> None:
         result.update(graphs)
         result["b1_step_ms_eager"] = eager["b1_step_ms"]
         print(json.dumps(result), flush=True)
-        result.update(bench_e2e_diffulex(model, folder))
+        result.update(bench_e2e_diffulex(model, folder, fuse_block_store=True))
+        result.update(bench_e2e_diffulex(model, folder, fuse_block_store=False))
         counts = [1, 8, 64] if args.quick else [1, 8, 32, 64, 128]
         batched = bench_batched(model, folder, counts, 1, result["gemm_tflops"], params_nonembed)
         batched += bench_batched(model, folder, counts, 2, result["gemm_tflops"], params_nonembed)
@@ -354,6 +363,10 @@ def main() -> None:
     )
     print(
         f"e2e b1 (128+256, 4 tok/fwd): Diffulex {result['e2e_tps_diffulex']:.1f} tok/s ({result['e2e_forwards_diffulex']} fwd), HF {result['e2e_tps_hf']:.1f} tok/s ({result['e2e_forwards_hf']} fwd), x{result['e2e_speedup']:.2f}"
+    )
+    print(
+        f"  (SDAR's separate store forward: {result['e2e_tps_diffulex_sdar_store']:.1f} tok/s, "
+        f"{result['e2e_forwards_diffulex_sdar_store']} fwd)"
     )
     print(f"{'buffer':>6} {'reqs':>5} {'step ms':>9} {'tok/s':>10} {'GEMM frac':>9}")
     for row in result["batched"]:

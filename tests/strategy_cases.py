@@ -37,6 +37,12 @@ CASES = [
     ),
     Case("block_diffusion", "sdar", {"strategy": "block_diffusion", "block_size": 4}, {}),
     Case(
+        "block_diffusion_fused",
+        "sdar",
+        {"strategy": "block_diffusion", "block_size": 4, "fuse_block_store": True},
+        {},
+    ),
+    Case(
         "block_diffusion_dynamic",
         "sdar",
         {"strategy": "block_diffusion", "block_size": 4},

@@ -26,7 +26,14 @@ def params_for(case: Case, **extra) -> SamplingParams:
 
 
 # Strategies whose K/V needs grow step by step: a tight page budget must preempt them.
-GROWING_KV = {"fast_dllm_prefix", "block_diffusion", "block_diffusion_dynamic", "d2f", "multi_bd"}
+GROWING_KV = {
+    "fast_dllm_prefix",
+    "block_diffusion",
+    "block_diffusion_fused",
+    "block_diffusion_dynamic",
+    "d2f",
+    "multi_bd",
+}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -50,7 +57,9 @@ def test_alone_batched_and_preempted_agree(case: Case, tiny_paths, make_llm) -> 
 
 
 @pytest.mark.parametrize(
-    "case", [c for c in CASES if c.name in ("block_diffusion", "multi_bd")], ids=lambda c: c.name
+    "case",
+    [c for c in CASES if c.name in ("block_diffusion", "block_diffusion_fused", "multi_bd")],
+    ids=lambda c: c.name,
 )
 def test_prefix_cache_hit_gives_identical_output(case: Case, tiny_paths, make_llm) -> None:
     path = tiny_paths[case.family]

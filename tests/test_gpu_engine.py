@@ -28,5 +28,5 @@ def test_gpu_matches_cpu(case, tiny_paths, make_llm) -> None:
     gpu = gpu_llm.generate(prompts, params)
     assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
     assert [o.num_forwards for o in gpu] == [o.num_forwards for o in cpu]
-    if gpu_llm.engine.strategy.static_query_tokens() is not None:
+    if gpu_llm.engine.strategy.static_query_sizes():
         assert gpu_llm.engine.runner.graphs is not None and gpu_llm.engine.runner.graphs.graphs

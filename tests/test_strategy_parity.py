@@ -173,3 +173,31 @@ def test_multi_bd_equals_reference_pipeline(
         for p in PROMPTS
     ]
     assert got == [(list(t), n) for t, n in expected]
+
+
+@pytest.mark.parametrize(("remasking", "threshold"), [("static", None), ("dynamic", 0.5)])
+@pytest.mark.parametrize("block", [4, 8])
+def test_block_diffusion_fused_store_same_tokens_fewer_forwards(
+    remasking, threshold, block, tiny_paths, plain, make_llm
+) -> None:
+    got = run_engine(
+        make_llm,
+        tiny_paths["sdar"],
+        {
+            "strategy": "block_diffusion",
+            "block_size": block,
+            "remasking": remasking,
+            "fuse_block_store": True,
+        },
+        SamplingParams(max_tokens=16, threshold=threshold, ignore_eos=True),
+    )
+    names = {"static": "low_confidence_static", "dynamic": "low_confidence_dynamic"}
+    for prompt, (tokens, forwards) in zip(PROMPTS, got):
+        expected, nfe = loops.sdar_generate(
+            plain["sdar"], prompt, 16, block, block, names[remasking], threshold=threshold or 0.9
+        )
+        num_blocks = -(-(len(prompt) + 16) // block) - len(prompt) // block
+        prefill = 1 if len(prompt) >= block else 0
+        assert tokens == list(expected)
+        # No store forward per block, and the prefill rides on the first block's first forward.
+        assert forwards == nfe - num_blocks - prefill

@@ -48,6 +48,7 @@ class CudaGraphRunner:
         max_pages_per_seq: int,
         pad_token_id: int,
         device: torch.device,
+        pool: tuple | None = None,
     ):
         self.model = model
         self.tokens_per_seq = tokens_per_seq
@@ -68,7 +69,7 @@ class CudaGraphRunner:
         self.context_holes = torch.zeros(max_seqs, 2, **i32)
         self.page_tables = torch.full((max_seqs, max_pages_per_seq), -1, **i32)
         self.graphs: dict[int, _Captured] = {}
-        self.pool = None
+        self.pool = pool
 
     # ----- capture ------------------------------------------------------------------------------------
     def _context(self, bucket: int) -> AttentionContext:

@@ -57,12 +57,13 @@ class Engine:
                 block_add_threshold=config.block_add_threshold,
                 decoded_token_threshold=config.decoded_token_threshold,
                 remasking=config.remasking,
+                fuse_block_store=config.fuse_block_store,
             ),
         )
         self.block_size = block_size
-        static_tokens = self.strategy.static_query_tokens()
-        if static_tokens is not None:
-            self.runner.enable_cuda_graphs(static_tokens, self.mask_token_id)
+        sizes = self.strategy.static_query_sizes()
+        if sizes:
+            self.runner.enable_cuda_graphs(sizes, self.mask_token_id)
         self.kv_cache = KVCacheManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv_cache, self.strategy, config.max_num_reqs, config.max_num_batched_tokens

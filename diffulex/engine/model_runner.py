@@ -68,21 +68,29 @@ class ModelRunner:
             raise ValueError("attention_backend 'triton' needs a CUDA device; use 'torch' or 'auto' on CPU")
         self.use_triton = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
-        self.graphs: CudaGraphRunner | None = None
+        self.graphs: CudaGraphRunner | None = None  # the smallest query size's graphs
+        self.graph_sets: list[CudaGraphRunner] = []  # one per query size, smallest first
 
-    def enable_cuda_graphs(self, tokens_per_seq: int, pad_token_id: int) -> None:
-        """Capture the fixed-shape denoise step for every bucket of running-request counts."""
+    def enable_cuda_graphs(self, sizes: list[int], pad_token_id: int) -> None:
+        """Capture the denoise step for every query size and bucket of running-request counts."""
         if self.device.type != "cuda" or self.config.enforce_eager or not self.use_triton:
             return
-        self.graphs = CudaGraphRunner(
-            self.model,
-            tokens_per_seq,
-            min(self.config.max_num_reqs, self.config.cuda_graph_max_reqs),
-            self.max_pages_per_seq,
-            pad_token_id,
-            self.device,
-        )
-        self.graphs.capture()
+        pool = None
+        self.graph_sets = []
+        for tokens_per_seq in sorted(sizes, reverse=True):  # largest first: later ones reuse its pool
+            graphs = CudaGraphRunner(
+                self.model,
+                tokens_per_seq,
+                min(self.config.max_num_reqs, self.config.cuda_graph_max_reqs),
+                self.max_pages_per_seq,
+                pad_token_id,
+                self.device,
+                pool=pool,
+            )
+            graphs.capture()
+            pool = graphs.pool
+            self.graph_sets.insert(0, graphs)
+        self.graphs = self.graph_sets[0]
 
     # ----- set-up -------------------------------------------------------------------------------------
     def _bytes_per_page(self) -> int:
@@ -142,8 +150,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, mask_token_id: int) -> StepOutput:
-        if self.graphs is not None and self.graphs.can_run(plan):
-            hidden_rows = self.graphs.run(plan)
+        graphs = next((g for g in self.graph_sets if g.can_run(plan)), None)
+        if graphs is not None:
+            hidden_rows = graphs.run(plan)
             logits = (
                 self.model.compute_logits(hidden_rows)
                 if hidden_rows.shape[0]

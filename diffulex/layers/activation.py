@@ -8,7 +8,14 @@ from torch import nn
 
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for separate gate and up projections (same shape)."""
+    """``silu(gate) * up`` for separate gate and up projections (same shape).
+
+    CUDA tensors take one fused Triton kernel (``diffulex.kernels.fused_ops``); others the torch code.
+    """
+    if gate.is_cuda:
+        from diffulex.kernels.fused_ops import silu_and_mul_triton
+
+        return silu_and_mul_triton(gate, up)
     return F.silu(gate) * up
 
 

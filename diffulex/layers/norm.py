@@ -32,7 +32,27 @@ class RMSNorm(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)`` (the sum in the input dtype).
+
+        CUDA tensors take one fused Triton kernel (``diffulex.kernels.fused_ops``); others the torch code.
+        """
+        if x.is_cuda:
+            from diffulex.kernels.fused_ops import add_rms_norm_triton, rms_norm_triton
+
+            if residual is None:
+                return rms_norm_triton(x, self.weight, self.eps, self.bias)
+            return add_rms_norm_triton(x, residual, self.weight, self.eps, self.bias)
+        return self._forward_torch(x, residual)
+
+    def _forward_torch(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = residual + x  # the models' ``hidden + sublayer(...)``
+            return self._forward_torch(x), x
         input_dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

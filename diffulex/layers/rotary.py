@@ -55,7 +55,19 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``query [T, H, D]`` and ``key [T, KVH, D]`` by ``positions [T]``; returns new tensors."""
+        """Rotate ``query [T, H, D]`` and ``key [T, KVH, D]`` by ``positions [T]``; returns new tensors.
+
+        CUDA tensors take one fused Triton kernel (``diffulex.kernels.fused_ops``); others the torch code.
+        """
+        if query.is_cuda:
+            from diffulex.kernels.fused_ops import rope_triton
+
+            return rope_triton(positions, query, key, self.rotary_dim, self.base, self.inv_freq)
+        return self._forward_torch(positions, query, key)
+
+    def _forward_torch(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # [T, 1, rotary_dim], shared by heads
         cos, sin = angles.cos(), angles.sin()

@@ -90,17 +90,23 @@ class LLaDABlock(nn.Module):
         self.rotary_emb = rotary  # shared by all blocks: it only holds the frequencies
         self.attn = Attention(num_heads, self.num_kv_heads, self.head_dim)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp_out, residual)``: the block's output is ``residual + mlp_out``, whose addition is left to the
+        next norm (fused with it on the GPU). ``residual`` None: ``hidden`` is the residual stream itself."""
         num_tokens = hidden.shape[0]
-        normed = self.attn_norm(hidden)
+        if residual is None:
+            residual, normed = hidden, self.attn_norm(hidden)
+        else:
+            normed, residual = self.attn_norm(hidden, residual)
         query = self.q_proj(normed).view(num_tokens, self.num_heads, self.head_dim)
         key = self.k_proj(normed).view(num_tokens, self.num_kv_heads, self.head_dim)
         value = self.v_proj(normed).view(num_tokens, self.num_kv_heads, self.head_dim)
         query, key = self.rotary_emb(positions, query, key)
         attended = self.attn(query, key, value).reshape(num_tokens, self.num_heads * self.head_dim)
-        hidden = hidden + self.attn_out(attended)
-        normed = self.ff_norm(hidden)
-        return hidden + self.ff_out(silu_and_mul(self.ff_proj(normed), self.up_proj(normed)))
+        normed, residual = self.ff_norm(self.attn_out(attended), residual)
+        return self.ff_out(silu_and_mul(self.ff_proj(normed), self.up_proj(normed))), residual
 
 
 class LLaDAModel(nn.Module):
@@ -127,9 +133,12 @@ class LLaDAModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         if self.embedding_scale is not None:
             hidden = hidden * self.embedding_scale
+        residual = None
         for layer in self.layers:
-            hidden = layer(positions, hidden)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual)
+        if residual is None:
+            return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
 
 
 @register_model("llada", "LLaDAModelLM")

@@ -30,13 +30,14 @@ class StrategyOptions:
     block_add_threshold: float = 0.1
     decoded_token_threshold: float = 0.95
     remasking: str | None = None
+    fuse_block_store: bool = False
 
 
 class Strategy(ABC):
     """Base class of decoding strategies; subclasses register under ``name``.
 
-    ``static_query_tokens()``: when set, no denoise step of a request queries more tokens than this, so
-    the runner pads every request to it and replays a CUDA graph. ``uses_prefix_cache``: committed K/V
+    ``static_query_sizes()``: per-request query sizes that denoise steps fit in; the runner pads each
+    request to the smallest that fits and replays that size's CUDA graph. ``uses_prefix_cache``: committed K/V
     of full pages may be shared across requests.
     """
 
@@ -56,9 +57,9 @@ class Strategy(ABC):
     def generation_length(self, request: Request) -> int:
         """Length of the generation region appended to the prompt (may round ``max_tokens`` up)."""
 
-    def static_query_tokens(self) -> int | None:
-        """Query tokens per request of every denoise step when they are fixed (CUDA-graph eligible)."""
-        return None
+    def static_query_sizes(self) -> list[int]:
+        """Query sizes (tokens per request) that denoise steps never exceed: one CUDA graph set each."""
+        return []
 
     def buffer_capacity(self, request: Request) -> int:
         """Blocks the request's Block Buffer holds at once."""

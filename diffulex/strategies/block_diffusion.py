@@ -10,6 +10,10 @@ Remasking: ``static`` = top-k of the schedule count; ``dynamic`` = every token w
 above ``threshold`` when there are at least the schedule count of them, else top-k; ``sequential`` = the
 first masks in order. The count is clipped to the block's remaining masks (SDAR would overwrite prompt
 tokens of a partial block otherwise).
+
+With ``fuse_block_store`` the finished block's K/V (and the prompt's) are stored by the next block's
+first forward instead of a forward of their own, and the last block is never stored: the same tokens
+(attention is block-causal, so the stored K/V are the same), one forward per block fewer than SDAR.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ class BlockDiffusionStrategy(Strategy):
             return self.options.remasking
         return "dynamic" if request.params.threshold is not None else "static"
 
-    def static_query_tokens(self) -> int | None:
-        return self.block_size
+    def static_query_sizes(self) -> list[int]:
+        if self.options.fuse_block_store:
+            return [self.block_size, 2 * self.block_size]  # a block alone, or stored block + next block
+        return [self.block_size]
 
     def generation_length(self, request: Request) -> int:
         return self._region_end(request) - request.num_prompt
@@ -69,7 +75,36 @@ class BlockDiffusionStrategy(Strategy):
         start, end = self._current_block(request)
         return "denoise" if self.masked_positions(request, max(start, request.num_prompt), end) else "store"
 
+    def _decode_block_start(self, request: Request) -> int:
+        """Start of the block holding the first undecoded position (blocks decode left to right)."""
+        first_mask = request.tokens.index(request.mask_token_id, request.num_prompt)
+        return first_mask // self.block_size * self.block_size
+
+    def _plan_fused(self, request: Request) -> SequencePlan:
+        block_start = self._decode_block_start(request)
+        state = request.strategy_state
+        if state.get("block_start") != block_start:
+            state["block_start"] = block_start
+            state["step"] = 0
+        state["phase"] = "denoise"
+        query_start, query_end = request.num_cached, block_start + self.block_size
+        positions = list(range(query_start, query_end))
+        candidates = self.masked_positions(request, max(block_start, request.num_prompt), query_end)
+        state["candidates"] = candidates
+        return SequencePlan(
+            request_id=request.request_id,
+            token_ids=request.tokens[query_start:query_end],
+            positions=positions,
+            block_ids=[p // self.block_size for p in positions],
+            context_len=query_start,
+            store_range=(0, block_start - query_start),
+            sample_indices=[p - query_start for p in candidates],
+            sample=self.sample_spec(request),
+        )
+
     def plan(self, request: Request) -> SequencePlan:
+        if self.options.fuse_block_store:
+            return self._plan_fused(request)
         phase = self._phase(request)
         request.strategy_state["phase"] = phase
         if phase == "prefill":
@@ -95,11 +130,15 @@ class BlockDiffusionStrategy(Strategy):
         )
 
     def num_query_tokens(self, request: Request) -> int:
+        if self.options.fuse_block_store:
+            return self._decode_block_start(request) + self.block_size - request.num_cached
         if request.num_cached < self._prefill_end(request):
             return self._prefill_end(request) - request.num_cached
         return self.block_size
 
     def kv_tokens_needed(self, request: Request) -> int:
+        if self.options.fuse_block_store:
+            return max(request.num_cached, self._decode_block_start(request))
         if request.num_cached < self._prefill_end(request):
             return self._prefill_end(request)
         return self._current_block(request)[1]
@@ -131,4 +170,7 @@ class BlockDiffusionStrategy(Strategy):
                     chosen_arr = above
             self.commit(request, candidates, output, chosen_arr)
         state["step"] += 1
+        if self.options.fuse_block_store:
+            # Done once every position is decoded; the last block needs no store.
+            return request.mask_token_id not in request.tokens[request.num_prompt :]
         return False

@@ -57,9 +57,9 @@ class PipelinedStrategy(Strategy):
     def generation_length(self, request: Request) -> int:
         return self._region_end(request) - request.num_prompt
 
-    def static_query_tokens(self) -> int | None:
+    def static_query_sizes(self) -> list[int]:
         size = self._default_buffer_size()
-        return None if size is None else size * self.block_size
+        return [] if size is None else [size * self.block_size]
 
     def _default_buffer_size(self) -> int | None:
         return self.options.buffer_size
