@@ -9,8 +9,9 @@ token of sequence ``s`` sees
   * the step's own keys of sequence ``s`` whose block id is <= the query's block id.
 
 A query that sees nothing yields zeros (never NaN). Every per-sequence length is read from device tensors
-inside the kernel; the launch grid ``(H, cdiv(max_seqlen_q, BLOCK_M), S)`` depends only on the number of
-heads, ``max_seqlen_q`` and the number of sequences, so a launch can be captured in a CUDA graph. Heads
+inside the kernel; the launch grid ``(H, cdiv(max_seqlen_q, BLOCK_M) * NUM_SPLITS, S)`` depends only on the
+number of heads, ``max_seqlen_q``, the number of sequences and the number of splits, so a launch can be
+captured in a CUDA graph. Heads
 are the fastest-varying grid axis: the programs that read the same K/V (the heads of one sequence, and
 of one GQA group in particular) run side by side and share it through L2.
 
@@ -20,9 +21,21 @@ ids as large as ``2**40`` need no host-side clamping.
 Softmax is online, in fp32, in two loops per (sequence, head, query tile): the paged context in tiles of
 ``BLOCK_N`` positions, then the step's own keys in tiles of ``BLOCK_N`` tokens. ``head_dim`` up to 256 is
 padded to a power of two (>= 16) with masked loads.
+
+Split-KV (flash-decoding): a grid too small to fill the GPU (a batch-1 denoise step: 32 heads x 1 query
+tile x 1 sequence = 32 programs) splits each (sequence, head, query tile)'s keys, numbered context
+positions first and the step's own keys after them, into ``NUM_SPLITS`` chunks of whole ``BLOCK_N``
+tiles, one program each (grid ``(H, q_tiles * NUM_SPLITS, S)``). Each program sizes its chunk from the
+sequence's actual key count, read on the device, so the grid still depends on host values only. It
+writes its un-normalised fp32 accumulator, running max (base 2) and running sum to scratch; a split with
+no keys, or seeing none, writes max -inf and sum 0 and contributes nothing. ``_combine_splits_kernel``
+then rescales and sums the partials per (token, head) (log-sum-exp). ``num_splits`` is chosen on the host
+by :func:`choose_num_splits`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -39,6 +52,8 @@ def _paged_attention_kernel(
     k_cache_ptr,
     v_cache_ptr,
     out_ptr,
+    part_acc_ptr,  # split path: [T, H, NUM_SPLITS, HEAD_DIM] fp32 un-normalised partial outputs
+    part_ml_ptr,  # split path: [T, H, NUM_SPLITS, 2] fp32 (running max in base 2, running sum)
     cu_seqlens_ptr,
     block_ids_ptr,
     context_lens_ptr,
@@ -62,15 +77,18 @@ def _paged_attention_kernel(
     stride_holes,
     stride_pt,
     HEAD_DIM: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per kv head
     PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     head = tl.program_id(0)
-    tile_m = tl.program_id(1)
+    tile_m = tl.program_id(1) // NUM_SPLITS
+    split = tl.program_id(1) % NUM_SPLITS
     seq = tl.program_id(2)
 
     q_start = tl.load(cu_seqlens_ptr + seq)
@@ -86,6 +104,30 @@ def _paged_attention_kernel(
     d_valid = offs_d < HEAD_DIM
 
     tok_m = (q_start + offs_m).to(tl.int64)
+    context_len = tl.load(context_lens_ptr + seq)
+    # The keys of the sequence in one index space: context positions [0, context_len), then the step's
+    # own keys [context_len, context_len + q_len). Split `split` takes the chunk [key_lo, key_hi) of it,
+    # a whole number of BLOCK_N tiles sized from the actual key count (read here, on the device).
+    if NUM_SPLITS == 1:
+        ctx_lo = 0
+        ctx_hi = context_len
+        own_lo = 0
+        own_hi = q_len
+    else:
+        num_keys = context_len + q_len
+        chunk = tl.cdiv(tl.cdiv(num_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        key_lo = split * chunk
+        key_hi = tl.minimum(key_lo + chunk, num_keys)
+        ctx_lo = key_lo
+        ctx_hi = tl.minimum(key_hi, context_len)
+        own_lo = tl.maximum(key_lo - context_len, 0)
+        own_hi = key_hi - context_len  # may be < own_lo: then the split has no own keys
+        if key_lo >= num_keys:  # nothing to see (short sequence): contribute nothing, skip the rest
+            part = (tok_m * NUM_HEADS + head) * NUM_SPLITS + split
+            tl.store(part_ml_ptr + part * 2, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=m_valid)
+            tl.store(part_ml_ptr + part * 2 + 1, tl.zeros([BLOCK_M], tl.float32), mask=m_valid)
+            return
+
     q = tl.load(
         q_ptr + tok_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
         mask=m_valid[:, None] & d_valid[None, :],
@@ -98,13 +140,12 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # ---- loop 1: the cached context, read page by page --------------------------------------------------
-    context_len = tl.load(context_lens_ptr + seq)
     hole_start = tl.load(holes_ptr + seq * stride_holes)
     hole_end = tl.load(holes_ptr + seq * stride_holes + 1)
     page_row_ptr = page_tables_ptr + seq.to(tl.int64) * stride_pt
-    for start_n in range(0, context_len, BLOCK_N):
+    for start_n in range(ctx_lo, ctx_hi, BLOCK_N):
         pos = start_n + offs_n
-        in_ctx = pos < context_len
+        in_ctx = pos < ctx_hi
         visible = in_ctx & ((pos < hole_start) | (pos >= hole_end))
         page = tl.load(page_row_ptr + pos // PAGE_SIZE, mask=in_ctx, other=0).to(tl.int64)
         row = pos % PAGE_SIZE
@@ -136,9 +177,9 @@ def _paged_attention_kernel(
     # Keys that no row of the tile sees (e.g. padding, later blocks) are not loaded either (rows past the
     # sequence count as id 0, which can only widen this set, never hide a key some row sees).
     max_q_id = tl.max(q_ids, axis=0)
-    for start_n in range(0, q_len, BLOCK_N):
+    for start_n in range(own_lo, own_hi, BLOCK_N):
         idx = start_n + offs_n
-        n_valid = idx < q_len
+        n_valid = idx < own_hi
         tok_n = (q_start + idx).to(tl.int64)
         k_ids = tl.load(block_ids_ptr + tok_n, mask=n_valid, other=0)
         n_load = n_valid & (k_ids <= max_q_id)
@@ -163,11 +204,68 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # nothing visible: acc is 0, so the row is 0
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # nothing visible: acc is 0, so the row is 0
+        tl.store(
+            out_ptr + tok_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=m_valid[:, None] & d_valid[None, :],
+        )
+    else:
+        # Every split writes its max and sum, even one that saw nothing (max -inf, sum 0): the reduction
+        # skips the acc of a split whose sum is 0 (an empty split above returned without writing it).
+        part = (tok_m * NUM_HEADS + head) * NUM_SPLITS + split
+        tl.store(
+            part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+            acc,
+            mask=m_valid[:, None] & d_valid[None, :],
+        )
+        tl.store(part_ml_ptr + part * 2, m_i, mask=m_valid)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=m_valid)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_acc_ptr,
+    part_ml_ptr,
+    out_ptr,
+    cu_seqlens_ptr,
+    num_seqs,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program per (token, BLOCK_H heads): the log-sum-exp combination of the splits' partials."""
+    tok = tl.program_id(0).to(tl.int64)
+    if tok >= tl.load(cu_seqlens_ptr + num_seqs):  # a token outside every sequence (a padded batch)
+        return
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    hs_valid = (offs_h[:, None] < NUM_HEADS) & (offs_s[None, :] < NUM_SPLITS)
+    part = (tok * NUM_HEADS + offs_h[:, None]) * NUM_SPLITS + offs_s[None, :]  # [BLOCK_H, BLOCK_S]
+    m = tl.load(part_ml_ptr + part * 2, mask=hs_valid, other=float("-inf"))
+    l_s = tl.load(part_ml_ptr + part * 2 + 1, mask=hs_valid, other=0.0)
+    m_max = tl.max(m, axis=1)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # no split saw anything
+    scale = tl.math.exp2(m - m_safe[:, None])  # 0 for a split that saw nothing (max -inf)
+    total = tl.sum(l_s * scale, axis=1)
+    d_valid = offs_d[None, None, :] < HEAD_DIM
+    acc = tl.load(  # [BLOCK_H, BLOCK_S, BLOCK_D]
+        part_acc_ptr + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+        mask=(hs_valid & (l_s > 0.0))[:, :, None] & d_valid,  # an empty split's acc is never written
+        other=0.0,
+    )
+    out = tl.sum(acc * scale[:, :, None], axis=1) / tl.where(total > 0.0, total, 1.0)[:, None]
     tl.store(
-        out_ptr + tok_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        out_ptr + tok * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
-        mask=m_valid[:, None] & d_valid[None, :],
+        mask=(offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HEAD_DIM),
     )
 
 
@@ -230,6 +328,33 @@ def default_block_sizes(head_dim: int, max_seqlen_q: int) -> dict[str, int]:
     return {"block_m": block_m, "block_n": 32, "num_warps": 8, "num_stages": 2}
 
 
+_DEFAULT_SM_COUNT = 132  # H200
+MAX_NUM_SPLITS = 16
+PROGRAMS_PER_SM = 2  # the split path aims at about this many programs per SM (one wave of 4-warp tiles)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SM_COUNT
+
+
+def choose_num_splits(num_programs: int, sm_count: int = _DEFAULT_SM_COUNT) -> int:
+    """Key-range splits per (sequence, head, query tile), from host-known values only (no context length:
+    those live on the device), so the launch stays capturable in a CUDA graph.
+
+    ``num_programs`` is the unsplit grid size ``H * cdiv(max_seqlen_q, block_m) * S``. A grid of at least
+    ``PROGRAMS_PER_SM * sm_count`` programs already fills the GPU: 1 (the unsplit path). A smaller one is
+    split ``cdiv(PROGRAMS_PER_SM * sm_count, num_programs)`` ways (2-4 programs per SM), at most
+    ``MAX_NUM_SPLITS``: e.g. 32 heads x 1 tile x 1 sequence on 132 SMs -> 9 splits (288 programs).
+    """
+    target = PROGRAMS_PER_SM * sm_count
+    if num_programs <= 0 or num_programs >= target:
+        return 1
+    return min(MAX_NUM_SPLITS, triton.cdiv(target, num_programs))
+
+
 def paged_attention_triton(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -248,6 +373,7 @@ def paged_attention_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of packed query tokens over their paged context plus their own K/V (see module doc).
 
@@ -258,6 +384,10 @@ def paged_attention_triton(
     query length (the grid covers ``cdiv(max_seqlen_q, block_m)`` tiles per sequence and head). Returns
     ``[T, H, D]`` in the query dtype; rows of tokens outside ``cu_seqlens_q`` are left uninitialised.
     The tile sizes default to :func:`default_block_sizes` and can be overridden one by one.
+
+    ``num_splits`` (default :func:`choose_num_splits` of the grid and the device's SM count) splits each
+    sequence's key range (context then own keys) into that many chunks, one program each, writing fp32
+    partials to scratch that a second kernel combines (split-KV / flash-decoding); 1 is the unsplit path.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
@@ -290,7 +420,22 @@ def paged_attention_triton(
     # fp32 inputs get true fp32 dot products (no TF32), so the fp32 path matches the reference closely.
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
 
-    grid = (num_heads, triton.cdiv(max_seqlen_q, block_m), num_seqs)
+    num_tiles_m = triton.cdiv(max_seqlen_q, block_m)
+    if num_splits is None:
+        num_splits = choose_num_splits(num_heads * num_tiles_m * num_seqs, _sm_count(query.device))
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if num_splits > 1:
+        part_acc = torch.empty(
+            (num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
+        )
+        part_ml = torch.empty(
+            (num_tokens, num_heads, num_splits, 2), dtype=torch.float32, device=query.device
+        )
+    else:
+        part_acc = part_ml = out  # unused
+
+    grid = (num_heads, num_tiles_m * num_splits, num_seqs)
     _paged_attention_kernel[grid](
         query,
         key,
@@ -298,6 +443,8 @@ def paged_attention_triton(
         k_cache_arg,
         v_cache_arg,
         out,
+        part_acc,
+        part_ml,
         cu_seqlens_q,
         block_ids,
         context_lens,
@@ -316,15 +463,37 @@ def paged_attention_triton(
         context_holes.stride(0),
         page_tables.stride(0),
         HEAD_DIM=head_dim,
+        NUM_HEADS=num_heads,
         GROUP=num_heads // num_kv_heads,
         PAGE_SIZE=page_size,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         DOT_PRECISION=dot_precision,
+        NUM_SPLITS=num_splits,
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if num_splits > 1:
+        block_s = triton.next_power_of_2(num_splits)
+        # A few heads per program, ~4K fp32 partial elements: 2 heads at 9 splits x 128 dims.
+        block_h = min(triton.next_power_of_2(num_heads), max(1, 4096 // (block_s * block_d)))
+        _combine_splits_kernel[(num_tokens, triton.cdiv(num_heads, block_h))](
+            part_acc,
+            part_ml,
+            out,
+            cu_seqlens_q,
+            num_seqs,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            NUM_HEADS=num_heads,
+            NUM_SPLITS=num_splits,
+            BLOCK_H=block_h,
+            BLOCK_S=block_s,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
     return out
 
 

@@ -1,12 +1,15 @@
 """Triton paged attention / K/V store against the plain-torch reference.
 
 CPU: the kernels run under the Triton interpreter, which needs ``TRITON_INTERPRET=1`` before triton is
-imported, so one subprocess (this file run as a script) runs every CPU case and reports the errors as
-JSON; the tests below only read that report. GPU (``-m gpu``): bf16 at a realistic shape, in process.
+imported, so subprocesses (this file run as a script, one shard of the cases per CPU core) run every CPU
+case and report the errors as JSON; the tests below only read that report. Every case runs unsplit (``num_splits=1``) and split-KV
+(2 and 3 splits, with 16-key tiles unless the case sets ``block_n``, so that even short key ranges are
+cut across programs). GPU (``-m gpu``): bf16 at a realistic shape, in process.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -58,7 +61,29 @@ CPU_CASES = [
     Case("strided_qkv", [4, 2], [6, 10], strided_qkv=True, mask="block_causal"),
     Case("tiles_16x32_override", [18, 5], [33, 2], mask="padding", kwargs={"block_m": 16, "block_n": 32}),
     Case("nan_in_unseen_cache_slots", [6, 5], [12, 7], holes=[(4, 8), (0, 0)], mask="padding", poison=True),
+    # Split-KV: fewer keys than splits (most splits empty), and 64-key tiles over a long context whose
+    # holes cross split boundaries; sequence 2's context is all hole, so its context splits see nothing.
+    Case("keys_fewer_than_splits", [1, 2, 1], [0, 1, 0], mask="block_causal", block_size=1),
+    Case(
+        "long_context_holes_across_splits",
+        [5, 3, 1],
+        [150, 0, 70],
+        holes=[(60, 140), (0, 0), (0, 70)],
+        mask="padding",
+        page_size=8,
+        poison=True,
+        kwargs={"block_n": 64},
+    ),
 ]
+SPLITS = (1, 2, 3)  # num_splits run on every CPU case
+
+
+def split_kwargs(case: Case, num_splits: int) -> dict:
+    """The kernel overrides of a case at ``num_splits``: split runs default to 16-key tiles."""
+    kwargs = {**case.kwargs, "num_splits": num_splits}
+    if num_splits > 1:
+        kwargs.setdefault("block_n", 16)
+    return kwargs
 
 
 def build_case(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
@@ -190,14 +215,17 @@ def poison_unseen(case: Case, data: dict) -> None:
             data["v_cache"][page_id] = float("nan")
 
 
-def kernel_and_reference(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> tuple:
-    """The kernel's and the reference's outputs on the rows that are compared."""
+def kernel_and_reference(
+    case: Case, dtype: torch.dtype, device: str, seed: int = 0, kwargs: dict | None = None
+) -> tuple:
+    """The kernel's and the reference's outputs on the rows that are compared (kernel overrides:
+    ``kwargs``, default the case's)."""
     data = build_case(case, dtype, device, seed)
     rows = _real_rows(data)
     ref = run_reference(data)
     if case.poison:  # the reference sees the clean values; the kernel must not depend on the poisoned ones
         poison_unseen(case, data)
-    got = run_kernel(data, **case.kwargs)
+    got = run_kernel(data, **(case.kwargs if kwargs is None else kwargs))
     return got[rows], ref[rows]
 
 
@@ -218,39 +246,58 @@ def _store_kv_error(dtype: torch.dtype, cache_dtype: torch.dtype, device: str) -
     return max((a.float() - b.float()).abs().max().item() for a, b in zip(caches, expected))
 
 
-def run_cpu_checks() -> dict[str, float | str]:
-    """Every CPU case under the interpreter: name -> max abs error (or the error text)."""
+def run_cpu_checks(shard: int = 0, num_shards: int = 1) -> dict[str, float | str]:
+    """The CPU checks of one shard (every ``num_shards``-th, from ``shard``) under the interpreter: name
+    -> max abs error (or the error text)."""
+    checks = [(f"{case.name}/splits={n}", case, n) for case in CPU_CASES for n in SPLITS]
+    checks.append(("store_kv_fp32", None, 0))
     results: dict[str, float | str] = {}
-    for case in CPU_CASES:
-        try:
-            got, ref = kernel_and_reference(case, torch.float32, "cpu")
-            results[case.name] = "NaN in output" if got.isnan().any() else (got - ref).abs().max().item()
-        except Exception as exc:  # report, don't crash the whole batch
-            results[case.name] = f"{type(exc).__name__}: {exc}"
-    for name, dtype, cache_dtype in [("store_kv_fp32", torch.float32, torch.float32)]:
-        try:
-            results[name] = _store_kv_error(dtype, cache_dtype, "cpu")
+    for name, case, num_splits in checks[shard::num_shards]:
+        try:  # report, don't crash the whole batch
+            if case is None:
+                results[name] = _store_kv_error(torch.float32, torch.float32, "cpu")
+                continue
+            got, ref = kernel_and_reference(case, torch.float32, "cpu", kwargs=split_kwargs(case, num_splits))
+            results[name] = "NaN in output" if got.isnan().any() else (got - ref).abs().max().item()
         except Exception as exc:
             results[name] = f"{type(exc).__name__}: {exc}"
     return results
 
 
-# ---- CPU tests: one interpreter subprocess for all cases -----------------------------------------------
+# ---- CPU tests: interpreter subprocesses, one per CPU core (at most 4), sharing the cases ---------------
 
 
 @pytest.fixture(scope="module")
 def cpu_report() -> dict[str, float | str]:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    num_shards = max(1, min(4, os.cpu_count() or 1))
+
+    def run_shard(shard: int) -> dict[str, float | str]:
+        proc = subprocess.run(
+            [sys.executable, __file__, str(shard), str(num_shards)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    report: dict[str, float | str] = {}
+    with concurrent.futures.ThreadPoolExecutor(num_shards) as pool:
+        for shard_report in pool.map(run_shard, range(num_shards)):
+            report.update(shard_report)
+    return report
 
 
-@pytest.mark.parametrize("name", [case.name for case in CPU_CASES])
-def test_paged_attention_interpreter_matches_reference(cpu_report: dict, name: str) -> None:
+@pytest.mark.parametrize("num_splits", SPLITS)
+@pytest.mark.parametrize("case_name", [case.name for case in CPU_CASES])
+def test_paged_attention_interpreter_matches_reference(
+    cpu_report: dict, case_name: str, num_splits: int
+) -> None:
+    name = f"{case_name}/splits={num_splits}"
     error = cpu_report[name]
     assert isinstance(error, float), error
     assert error < 1e-4, f"{name}: max abs error {error}"
@@ -260,6 +307,18 @@ def test_store_kv_interpreter_matches_reference(cpu_report: dict) -> None:
     error = cpu_report["store_kv_fp32"]
     assert isinstance(error, float), error
     assert error == 0.0
+
+
+def test_choose_num_splits_host_rule() -> None:
+    pytest.importorskip("triton")
+    from diffulex.kernels.paged_attention import MAX_NUM_SPLITS, choose_num_splits
+
+    assert choose_num_splits(32 * 1 * 1, 132) == 9  # LLaDA-8B batch-1 denoise step: 288 programs
+    assert choose_num_splits(32 * 1 * 4, 132) == 3
+    assert choose_num_splits(32 * 1 * 8, 132) == 2
+    assert choose_num_splits(32 * 1 * 9, 132) == 1  # 288 programs already fill 132 SMs twice
+    assert choose_num_splits(32 * 32 * 1, 132) == 1  # prefill: unsplit
+    assert choose_num_splits(1, 132) == MAX_NUM_SPLITS
 
 
 # ---- GPU tests (-m gpu) ---------------------------------------------------------------------------------
@@ -312,20 +371,21 @@ def test_paged_attention_gpu_half_small_cases(dtype: torch.dtype) -> None:
         torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=0, msg=case.name)
 
 
-@pytest.mark.gpu
-@gpu
-def test_paged_attention_gpu_cuda_graph_replay_with_new_lengths() -> None:
-    """The grid depends only on (S, H, max_seqlen_q): one captured launch serves other lengths."""
-    first = build_case(_realistic_case(8, "block_causal"), torch.bfloat16, "cuda", seed=1)
-    second = build_case(
-        Case("second", [17, 32], [70, 1000], holes=[(32, 64), (0, 0)], mask="padding", heads=32, kv_heads=8,
-             head_dim=128, page_size=32, block_size=8),
-        torch.bfloat16,
-        "cuda",
-        seed=2,
+def _llada_case(name: str, q_len: int, ctx_len: int, mask: str, hole: tuple[int, int] = (0, 0)) -> Case:
+    """The LLaDA-8B batch-1 denoise step: 32 heads of 128, no GQA, pages of 32: 32 programs unsplit."""
+    return Case(
+        name, [q_len], [ctx_len], holes=[hole], mask=mask, heads=32, kv_heads=32, head_dim=128, page_size=32,
+        block_size=8, num_pad=3,
     )  # fmt: skip
-    device = "cuda"
-    num_tokens = 64
+
+
+def _replay_in_graph(datas: list[dict], num_splits: int | None, max_pages: int = 40) -> None:
+    """Capture one launch on ``datas[0]``'s buffers, then replay it on each data set copied in: the grid
+    depends only on (S, H, max_seqlen_q, num_splits), so one captured launch serves other lengths."""
+    from diffulex.kernels.paged_attention import paged_attention_triton
+
+    first, device = datas[0], "cuda"
+    num_tokens, num_seqs = first["query"].shape[0], len(first["cu"]) - 1
     static = {
         "query": first["query"].clone(),
         "key": first["key"].clone(),
@@ -336,14 +396,14 @@ def test_paged_attention_gpu_cuda_graph_replay_with_new_lengths() -> None:
         "ids": first["kernel_ids"].clone(),
         "ctx": torch.tensor(first["ctx_lens"], dtype=torch.int32, device=device),
         "holes": torch.tensor(first["holes"], dtype=torch.int32, device=device),
-        "pt": torch.full((2, 40), -1, dtype=torch.int32, device=device),
+        "pt": torch.full((num_seqs, max_pages), -1, dtype=torch.int32, device=device),
     }
-    from diffulex.kernels.paged_attention import paged_attention_triton
 
     def launch() -> torch.Tensor:
         return paged_attention_triton(
             static["query"], static["key"], static["value"], static["k_cache"], static["v_cache"],
             static["cu"], static["ids"], static["ctx"], static["holes"], static["pt"], first["scale"], 32,
+            num_splits=num_splits,
         )  # fmt: skip
 
     launch()  # compile outside the capture
@@ -351,26 +411,81 @@ def test_paged_attention_gpu_cuda_graph_replay_with_new_lengths() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = launch()
-    for data in (first, second):
-        assert data["query"].shape[0] <= num_tokens
+    for data in datas:
         n = data["query"].shape[0]
+        assert n <= num_tokens and len(data["cu"]) - 1 == num_seqs
+        assert data["k_cache"].shape[0] <= static["k_cache"].shape[0]
         static["query"].zero_()
         static["query"][:n].copy_(data["query"])
         static["key"][:n].copy_(data["key"])
         static["value"][:n].copy_(data["value"])
         static["k_cache"][: data["k_cache"].shape[0]].copy_(data["k_cache"])
+        static["v_cache"][: data["v_cache"].shape[0]].copy_(data["v_cache"])
         static["cu"].copy_(torch.tensor(data["cu"], dtype=torch.int32))
         static["ids"][:n].copy_(data["kernel_ids"])
         static["ctx"].copy_(torch.tensor(data["ctx_lens"], dtype=torch.int32))
         static["holes"].copy_(torch.tensor(data["holes"], dtype=torch.int32))
         static["pt"].fill_(-1)
         static["pt"][:, : data["page_tables"].shape[1]].copy_(data["page_tables"])
-        static["v_cache"][: data["v_cache"].shape[0]].copy_(data["v_cache"])
         graph.replay()
         torch.cuda.synchronize()
         rows = _real_rows(data)
         ref = run_reference(data)[rows]
+        assert not out[rows].isnan().any()
         torch.testing.assert_close(out[rows].float(), ref.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_splits", [None, 1, 16])
+def test_paged_attention_gpu_cuda_graph_replay_with_new_lengths(num_splits: int | None) -> None:
+    first = build_case(_realistic_case(8, "block_causal"), torch.bfloat16, "cuda", seed=1)
+    second = build_case(
+        Case("second", [17, 32], [70, 1000], holes=[(32, 64), (0, 0)], mask="padding", heads=32, kv_heads=8,
+             head_dim=128, page_size=32, block_size=8),
+        torch.bfloat16,
+        "cuda",
+        seed=2,
+    )  # fmt: skip
+    _replay_in_graph([first, second], num_splits)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mask", ["bidirectional", "block_causal", "padding"])
+@pytest.mark.parametrize("num_splits", [None, 1, 2, 4, 9, 16])
+def test_paged_attention_gpu_split_llada_shape(mask: str, num_splits: int | None) -> None:
+    """Split-KV at the shape it exists for: 1 sequence x 32 heads x 1 query tile over 1,024 cached keys."""
+    from diffulex.kernels.paged_attention import choose_num_splits
+
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    assert choose_num_splits(32, sm_count) > 1  # the default takes the split path at this shape
+    hole = (992, 1024) if mask == "bidirectional" else (0, 0)
+    data = build_case(_llada_case("llada", 32, 1024, mask, hole), torch.bfloat16, "cuda", seed=4)
+    got = run_kernel(data, num_splits=num_splits)
+    ref = run_reference(data)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=0)
+    unsplit = run_kernel(data, num_splits=1)
+    torch.testing.assert_close(got.float(), unsplit.float(), atol=1e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_splits", [None, 16])
+def test_paged_attention_gpu_split_cuda_graph_llada_shape(num_splits: int | None) -> None:
+    """One captured split launch replayed on contexts of 1,024 keys, 5 keys (most splits empty), none,
+    and a context that is all hole (the context splits see nothing)."""
+    datas = [
+        build_case(_llada_case("full", 32, 1024, "block_causal"), torch.bfloat16, "cuda", seed=5),
+        build_case(_llada_case("short", 32, 5, "padding"), torch.bfloat16, "cuda", seed=6),
+        build_case(_llada_case("empty", 20, 0, "bidirectional"), torch.bfloat16, "cuda", seed=7),
+        build_case(
+            _llada_case("all_hole", 32, 1000, "bidirectional", (0, 1000)), torch.bfloat16, "cuda", seed=8
+        ),
+        build_case(_llada_case("hole", 32, 1000, "padding", (480, 520)), torch.bfloat16, "cuda", seed=9),
+    ]
+    _replay_in_graph(datas, num_splits)
 
 
 @pytest.mark.gpu
@@ -382,4 +497,5 @@ def test_store_kv_gpu(cache_dtype: torch.dtype) -> None:
 
 if __name__ == "__main__":  # the interpreter subprocess of the CPU tests
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    print(json.dumps(run_cpu_checks()))
+    shard, num_shards = (int(arg) for arg in sys.argv[1:3]) if len(sys.argv) > 2 else (0, 1)
+    print(json.dumps(run_cpu_checks(shard, num_shards)))
