@@ -57,6 +57,7 @@ LLADA_8B = {
 
 
 DEVICE = "cuda"
+REPEATS = 3  # end-to-end runs per engine; the median is reported (HF eager is host-bound and noisy)
 TINY = {
     "d_model": 64,
     "n_layers": 2,
@@ -172,18 +173,22 @@ def bench_e2e_diffulex(model, folder: Path, fuse_block_store: bool) -> dict:
     engine.add_request(prompt, params)
     while engine.has_unfinished():
         engine.step()  # warm-up run (Triton JIT, graph replay paths)
-    sync()
-    start = time.perf_counter()
-    engine.add_request(prompt, params)
-    outputs = []
-    while engine.has_unfinished():
-        outputs += engine.step()
-    sync()
-    seconds = time.perf_counter() - start
+    runs = []
+    for _ in range(REPEATS):
+        sync()
+        start = time.perf_counter()
+        engine.add_request(prompt, params)
+        outputs = []
+        while engine.has_unfinished():
+            outputs += engine.step()
+        sync()
+        runs.append(time.perf_counter() - start)
+    seconds = statistics.median(runs)
     suffix = "" if fuse_block_store else "_sdar_store"
     return {
         f"e2e_tps_diffulex{suffix}": 256 / seconds,
         f"e2e_s_diffulex{suffix}": seconds,
+        f"e2e_s_runs_diffulex{suffix}": runs,
         f"e2e_forwards_diffulex{suffix}": outputs[0].num_forwards,
     }
 
@@ -239,20 +244,28 @@ def bench_e2e_hf() -> dict:
         return forwards
 
     generate()
-    sync()
-    start = time.perf_counter()
-    forwards = generate()
-    sync()
-    seconds = time.perf_counter() - start
+    runs = []
+    for _ in range(REPEATS):
+        sync()
+        start = time.perf_counter()
+        forwards = generate()
+        sync()
+        runs.append(time.perf_counter() - start)
+    seconds = statistics.median(runs)
     forward_ms = median_ms(
         lambda: model(
             input_ids=torch.zeros(1, total, dtype=torch.long, device=DEVICE), attention_mask=bidirectional
         ),
         10,
     )
+    forward_ms_32 = median_ms(
+        lambda: model(input_ids=torch.zeros(1, 32, dtype=torch.long, device=DEVICE), attention_mask=None), 10
+    )
     return {
         "e2e_tps_hf": gen / seconds,
         "e2e_s_hf": seconds,
+        "e2e_s_runs_hf": runs,
+        "hf_forward_ms_32": forward_ms_32,
         "e2e_forwards_hf": forwards,
         "hf_forward_ms_384": forward_ms,
     }
