@@ -39,6 +39,13 @@ class EngineConfig(BaseModel):
         32, ge=1, description="Tokens per KV-cache page (any size works with any block_size)."
     )
     kv_cache_memory_gb: float = Field(1.0, gt=0, description="Memory for K/V pages (CPU or GPU).")
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="On CUDA: size the KV cache to this fraction of GPU memory after a warm-up "
+        "(overrides kv_cache_memory_gb); None = use kv_cache_memory_gb.",
+    )
     num_kv_pages: int | None = Field(None, ge=1, description="Exact page count (overrides the budget).")
     max_num_reqs: int = Field(64, ge=1, description="Most requests running at once.")
     max_num_batched_tokens: int = Field(16384, ge=1, description="Most query tokens in one step.")

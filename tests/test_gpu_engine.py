@@ -30,3 +30,16 @@ def test_gpu_matches_cpu(case, tiny_paths, make_llm) -> None:
     assert [o.num_forwards for o in gpu] == [o.num_forwards for o in cpu]
     if gpu_llm.engine.strategy.static_query_sizes():
         assert gpu_llm.engine.runner.graphs is not None and gpu_llm.engine.runner.graphs.graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_memory_utilization_sizes_the_cache(tiny_paths, make_llm) -> None:
+    llm = make_llm(
+        tiny_paths["sdar"], device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3, max_num_reqs=4
+    )
+    runner = llm.engine.runner
+    budget = runner._gpu_budget_bytes(0.3)
+    assert budget > 0
+    assert runner.num_pages == min(budget // runner._bytes_per_page(), 4 * runner.max_pages_per_seq + 1)
+    out = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    assert len(out.token_ids) == 8

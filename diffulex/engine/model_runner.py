@@ -20,7 +20,7 @@ from diffulex.layers.context import AttentionContext, set_context, single_sequen
 from diffulex.models.loader import load_model
 from diffulex.models.registry import ModelSpec
 from diffulex.sampling.confidence import sample_tokens
-from diffulex.step import SampleSpec, SequenceOutput, StepOutput, StepPlan, step_seed
+from diffulex.step import SampleSpec, SequenceOutput, SequencePlan, StepOutput, StepPlan, step_seed
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +61,12 @@ class ModelRunner:
         self.model.eval()
         self.page_size = config.page_size
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
-        self.num_pages = self._num_pages(self.max_model_len)
-        self._allocate_kv_cache()
         backend = config.attention_backend
         if backend == "triton" and self.device.type != "cuda":
             raise ValueError("attention_backend 'triton' needs a CUDA device; use 'torch' or 'auto' on CPU")
         self.use_triton = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
+        self.num_pages = self._num_pages(self.max_model_len)
+        self._allocate_kv_cache()
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
         self.graphs: CudaGraphRunner | None = None  # the smallest query size's graphs
         self.graph_sets: list[CudaGraphRunner] = []  # one per query size, smallest first
@@ -101,10 +101,47 @@ class ModelRunner:
     def _num_pages(self, max_model_len: int) -> int:
         if self.config.num_kv_pages is not None:
             return self.config.num_kv_pages
-        budget = int(self.config.kv_cache_memory_gb * (1 << 30)) // self._bytes_per_page()
+        budget_bytes = int(self.config.kv_cache_memory_gb * (1 << 30))
+        if self.device.type == "cuda" and self.config.gpu_memory_utilization is not None:
+            budget_bytes = self._gpu_budget_bytes(self.config.gpu_memory_utilization)
+        budget = budget_bytes // self._bytes_per_page()
         # Never more than every request at full length needs: keeps tiny models from reserving gigabytes.
         useful = self.config.max_num_reqs * (-(-max_model_len // self.page_size)) + 1
         return max(1, min(budget, useful))
+
+    @torch.inference_mode()
+    def _gpu_budget_bytes(self, utilization: float) -> int:
+        """K/V bytes that fit in ``utilization`` of the GPU after the weights and a warm-up's peak.
+
+        The warm-up is one uncached forward of ``min(max_num_batched_tokens, 8192)`` tokens plus the LM
+        head on 1,024 rows, so activations of real steps of that size fit beside the cache.
+        """
+        tokens = min(self.config.max_num_batched_tokens, 8192)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        plan = StepPlan.pack(
+            [SequencePlan("warm-up", [0] * tokens, list(range(tokens)), [0] * tokens)], [[]], self.page_size
+        )
+        set_context(self._context(plan))
+        try:
+            hidden = self.model(
+                torch.zeros(tokens, dtype=torch.long, device=self.device),
+                torch.arange(tokens, device=self.device),
+            )
+            self.model.compute_logits(hidden[: min(tokens, 1024)])
+        finally:
+            set_context(None)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = int(total * utilization) - peak
+        if budget <= 0:
+            raise ValueError(
+                f"gpu_memory_utilization {utilization} leaves no room for the KV cache: the weights and a "
+                f"warm-up step already take {peak / (1 << 30):.1f} GiB of {total / (1 << 30):.1f} GiB"
+            )
+        torch.cuda.empty_cache()
+        return budget
 
     def _allocate_kv_cache(self) -> None:
         spec = self.spec

@@ -9,6 +9,8 @@ number of tiles: each row's result is then a function of that row alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+
 import torch
 from torch import nn
 
@@ -77,3 +79,65 @@ class Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
         )
+
+
+class MergedLinear(Linear):
+    """Several projections of one input held as one ``[sum(out), in]`` weight: one GEMM instead of several.
+
+    ``shards`` lists ``(name, out_features)`` in row order (e.g. q, k, v or gate, up); ``forward`` returns
+    one output per shard, as views of the single result (no copies). The shard names are the projections'
+    own names, siblings of this module: ``unmerged_parameters`` shows the weights under them so checkpoints
+    that store the projections separately load into their slices (vLLM's QKV / merged column linears).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        shards: Sequence[tuple[str, int]],
+        bias: bool = False,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        self.shard_names = tuple(name for name, _ in shards)
+        self.shard_sizes = tuple(int(size) for _, size in shards)
+        super().__init__(in_features, sum(self.shard_sizes), bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return batch_invariant_linear(x, self.weight, self.bias).split(self.shard_sizes, dim=-1)
+
+    def extra_repr(self) -> str:
+        shards = ", ".join(f"{name}={size}" for name, size in zip(self.shard_names, self.shard_sizes))
+        return f"in_features={self.in_features}, shards=({shards}), bias={self.bias is not None}"
+
+
+def unmerged_parameters(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``module.named_parameters()`` with each ``MergedLinear`` parameter replaced by its shards' row views.
+
+    ``layers.0.qkv_proj.weight`` of shards q_proj/k_proj/v_proj appears as ``layers.0.q_proj.weight`` etc.:
+    writing into a view writes that shard's rows of the merged parameter.
+    """
+    merged = {name: layer for name, layer in module.named_modules() if isinstance(layer, MergedLinear)}
+    for name, param in module.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        layer = merged.get(owner)
+        if layer is None:
+            yield name, param
+            continue
+        parent = owner.rpartition(".")[0]
+        prefix = f"{parent}." if parent else ""
+        for shard, view in zip(layer.shard_names, param.split(layer.shard_sizes), strict=True):
+            yield f"{prefix}{shard}.{leaf}", view
+
+
+class UnmergedView:
+    """What the weight loader sees of a model with merged projections: its parameters under the unmerged
+    names (``unmerged_parameters``) and the model's ``official_name`` map for error messages."""
+
+    def __init__(self, module: nn.Module, official_name: Callable[[str], str] | None = None):
+        self._params = list(unmerged_parameters(module))
+        if official_name is not None:
+            self.official_name = official_name
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self._params)

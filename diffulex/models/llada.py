@@ -6,7 +6,9 @@ The official HF code (``modeling_llada.py``, derived from OLMo) stores everythin
 ``ln_f`` and, unless ``weight_tying``, the LM head ``ff_out``. Attention is bidirectional (no causal mask)
 and position i's logits predict token i (no shift). Our modules keep the block-level names and use
 ``model.embed_tokens`` / ``model.layers`` / ``model.norm`` / ``lm_head`` above them; ``_to_local_name``
-is the whole name map.
+is the whole name map. Each block merges ``q_proj``/``k_proj``/``v_proj`` into one ``qkv_proj`` and
+``ff_proj``/``up_proj`` into one ``gate_up_proj`` (``MergedLinear``: fewer, wider GEMMs); the loader sees
+them under the unmerged names, so the map and the error messages stay in official names.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 from diffulex.layers.activation import silu_and_mul
 from diffulex.layers.attention import Attention
-from diffulex.layers.linear import Linear, batch_invariant_linear
+from diffulex.layers.linear import Linear, MergedLinear, UnmergedView, batch_invariant_linear
 from diffulex.layers.norm import RMSNorm
 from diffulex.layers.rotary import RotaryEmbedding
 from diffulex.models.registry import (
@@ -79,13 +81,14 @@ class LLaDABlock(nn.Module):
         eps = float(cfg.get("rms_norm_eps", 1e-5))
 
         self.attn_norm = RMSNorm(d_model, eps, bias=norm_bias)
-        self.q_proj = Linear(d_model, num_heads * self.head_dim, qkv_bias)
-        self.k_proj = Linear(d_model, self.num_kv_heads * self.head_dim, qkv_bias)
-        self.v_proj = Linear(d_model, self.num_kv_heads * self.head_dim, qkv_bias)
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            d_model, [("q_proj", num_heads * self.head_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)], qkv_bias
+        )
         self.attn_out = Linear(num_heads * self.head_dim, d_model, bias)
         self.ff_norm = RMSNorm(d_model, eps, bias=norm_bias)
-        self.ff_proj = Linear(d_model, mlp_hidden, bias)  # the SwiGLU gate (SiLU applies to it)
-        self.up_proj = Linear(d_model, mlp_hidden, bias)
+        # ff_proj is the SwiGLU gate (SiLU applies to it), up_proj the other factor.
+        self.gate_up_proj = MergedLinear(d_model, [("ff_proj", mlp_hidden), ("up_proj", mlp_hidden)], bias)
         self.ff_out = Linear(mlp_hidden, d_model, bias)
         self.rotary_emb = rotary  # shared by all blocks: it only holds the frequencies
         self.attn = Attention(num_heads, self.num_kv_heads, self.head_dim)
@@ -100,13 +103,14 @@ class LLaDABlock(nn.Module):
             residual, normed = hidden, self.attn_norm(hidden)
         else:
             normed, residual = self.attn_norm(hidden, residual)
-        query = self.q_proj(normed).view(num_tokens, self.num_heads, self.head_dim)
-        key = self.k_proj(normed).view(num_tokens, self.num_kv_heads, self.head_dim)
-        value = self.v_proj(normed).view(num_tokens, self.num_kv_heads, self.head_dim)
+        query, key, value = self.qkv_proj(normed)  # column views of one [T, q + 2 kv] result
+        query = query.view(num_tokens, self.num_heads, self.head_dim)
+        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         query, key = self.rotary_emb(positions, query, key)
         attended = self.attn(query, key, value).reshape(num_tokens, self.num_heads * self.head_dim)
         normed, residual = self.ff_norm(self.attn_out(attended), residual)
-        return self.ff_out(silu_and_mul(self.ff_proj(normed), self.up_proj(normed))), residual
+        return self.ff_out(silu_and_mul(*self.gate_up_proj(normed))), residual
 
 
 class LLaDAModel(nn.Module):
@@ -212,7 +216,7 @@ class LLaDAModelLM(nn.Module):
         """Copy official ``model.transformer.*`` tensors in; raises ``WeightLoadError`` listing any mismatch."""
         tied = self.tie_word_embeddings
         load_mapped_weights(
-            self,
+            UnmergedView(self, self.official_name),  # merged projections under their official names
             named_tensors,
             _to_local_name,
             # A tied checkpoint may still carry the head: the embedding is authoritative, as in HF.

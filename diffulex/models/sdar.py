@@ -4,7 +4,9 @@ The official checkpoints (``model_type`` "sdar", architectures ``SDARForCausalLM
 names: ``model.embed_tokens``, ``model.layers.{i}.self_attn.{q,k,v,o}_proj`` with per-head RMSNorms
 ``q_norm``/``k_norm`` applied to q and k before RoPE, ``mlp.{gate,up,down}_proj``, ``input_layernorm``,
 ``post_attention_layernorm``, ``model.norm`` and ``lm_head`` (tied to the embedding with
-``tie_word_embeddings``). Our modules carry exactly those names, so the name map is the identity.
+``tie_word_embeddings``). Our modules carry exactly those names, so the name map is the identity, except
+that q/k/v are merged into one ``self_attn.qkv_proj`` and gate/up into one ``mlp.gate_up_proj``
+(``MergedLinear``: fewer, wider GEMMs); the loader sees those under the unmerged official names.
 Attention is block-causal (a token sees its own block and every earlier one); logits are not shifted.
 The released configs carry no mask id (some fine-tuning configs add ``mask_token_id`` and ``block_size``,
 which override the family defaults below).
@@ -20,7 +22,7 @@ from torch import nn
 
 from diffulex.layers.activation import silu_and_mul
 from diffulex.layers.attention import Attention
-from diffulex.layers.linear import Linear, batch_invariant_linear
+from diffulex.layers.linear import Linear, MergedLinear, UnmergedView, batch_invariant_linear
 from diffulex.layers.norm import RMSNorm
 from diffulex.layers.rotary import RotaryEmbedding
 from diffulex.models.registry import (
@@ -67,9 +69,12 @@ class SDARAttention(nn.Module):
         bias = bool(cfg.get("attention_bias", False))
         eps = float(cfg.get("rms_norm_eps", 1e-6))
         # head_dim * num_heads need not equal hidden_size (SDAR-4B: 32 x 128 = 4096 vs 2560).
-        self.q_proj = Linear(hidden_size, self.num_heads * self.head_dim, bias)
-        self.k_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias)
-        self.v_proj = Linear(hidden_size, self.num_kv_heads * self.head_dim, bias)
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            hidden_size,
+            [("q_proj", self.num_heads * self.head_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)],
+            bias,
+        )
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden_size, bias)
         self.q_norm = RMSNorm(self.head_dim, eps)  # over each head's channels, not the whole projection
         self.k_norm = RMSNorm(self.head_dim, eps)
@@ -78,26 +83,28 @@ class SDARAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        query = self.q_norm(self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim))
-        key = self.k_norm(self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim))
-        value = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        query, key, value = self.qkv_proj(hidden)  # column views of one [T, q + 2 kv] result
+        query = self.q_norm(query.view(num_tokens, self.num_heads, self.head_dim))
+        key = self.k_norm(key.view(num_tokens, self.num_kv_heads, self.head_dim))
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         query, key = self.rotary_emb(positions, query, key)
         attended = self.attn(query, key, value).reshape(num_tokens, self.num_heads * self.head_dim)
         return self.o_proj(attended)
 
 
 class SDARMLP(nn.Module):
-    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``, gate and up as one merged projection."""
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
         hidden_size, intermediate = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
-        self.gate_proj = Linear(hidden_size, intermediate)
-        self.up_proj = Linear(hidden_size, intermediate)
+        self.gate_up_proj = MergedLinear(
+            hidden_size, [("gate_proj", intermediate), ("up_proj", intermediate)]
+        )
         self.down_proj = Linear(intermediate, hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_proj(hidden), self.up_proj(hidden)))
+        return self.down_proj(silu_and_mul(*self.gate_up_proj(hidden)))
 
 
 class SDARDecoderLayer(nn.Module):
@@ -215,10 +222,10 @@ class SDARForCausalLM(nn.Module):
         self.lm_head.weight = self.model.embed_tokens.weight
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy the official tensors in (same names); raises ``WeightLoadError`` listing any mismatch."""
+        """Copy the official tensors in (same names, merged projections by slice); raises ``WeightLoadError`` listing any mismatch."""
         tied = self.tie_word_embeddings
         load_mapped_weights(
-            self,
+            UnmergedView(self, self.official_name),  # merged projections under their official names
             named_tensors,
             lambda name: name,
             # A tied checkpoint may still carry the head: the embedding is authoritative, as in HF.
