@@ -42,6 +42,7 @@ class Request:
     num_prefix_hit: int = 0
     page_table: list[int] = field(default_factory=list)
     buffer: BlockBuffer = field(init=False)
+    num_prompt: int = field(init=False)
     strategy_state: dict[str, Any] = field(default_factory=dict)
     num_forwards: int = 0
     num_steps: int = 0
@@ -55,12 +56,9 @@ class Request:
     finish_time: float | None = None
 
     def __post_init__(self) -> None:
+        self.num_prompt = len(self.prompt_ids)  # read on every step: a plain attribute, not a property
         self.buffer = BlockBuffer(capacity=self.buffer_capacity)
         self.reset()
-
-    @property
-    def num_prompt(self) -> int:
-        return len(self.prompt_ids)
 
     @property
     def is_finished(self) -> bool:

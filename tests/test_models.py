@@ -49,6 +49,12 @@ def _attend(q, k, v, allowed: torch.Tensor) -> torch.Tensor:
     return (scores.softmax(-1) @ v).transpose(0, 1).reshape(tokens, heads * dim)
 
 
+def _proj(h: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """``h @ W.T (+ b)`` from the official tensors ``name.weight`` (and ``name.bias`` when stored)."""
+    out = h @ w[name + ".weight"].T
+    return out + w[name + ".bias"] if name + ".bias" in w else out
+
+
 def llada_reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     cfg = json.loads((path / "config.json").read_text())
     w = load_file(str(path / "model.safetensors"))
@@ -62,9 +68,9 @@ def llada_reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     for i in range(cfg["n_layers"]):
         p = f"model.transformer.blocks.{i}."
         h = _rms(x, w[p + "attn_norm.weight"], eps)
-        q = (h @ w[p + "q_proj.weight"].T).view(tokens, heads, head_dim).transpose(0, 1)
-        k = (h @ w[p + "k_proj.weight"].T).view(tokens, kv_heads, head_dim).transpose(0, 1)
-        v = (h @ w[p + "v_proj.weight"].T).view(tokens, kv_heads, head_dim).transpose(0, 1)
+        q = _proj(h, w, p + "q_proj").view(tokens, heads, head_dim).transpose(0, 1)
+        k = _proj(h, w, p + "k_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
+        v = _proj(h, w, p + "v_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
         att = _attend(_rope(q, positions, theta), _rope(k, positions, theta), v, allowed)
         x = x + att @ w[p + "attn_out.weight"].T
         h = _rms(x, w[p + "ff_norm.weight"], eps)
@@ -90,13 +96,13 @@ def sdar_reference_logits(path: Path, ids: torch.Tensor, block_size: int) -> tor
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = _rms(x, w[p + "input_layernorm.weight"], eps)
-        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(tokens, heads, head_dim)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T).view(tokens, kv_heads, head_dim)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(tokens, kv_heads, head_dim).transpose(0, 1)
+        q = _proj(h, w, p + "self_attn.q_proj").view(tokens, heads, head_dim)
+        k = _proj(h, w, p + "self_attn.k_proj").view(tokens, kv_heads, head_dim)
+        v = _proj(h, w, p + "self_attn.v_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
         q = _rms(q, w[p + "self_attn.q_norm.weight"], eps).transpose(0, 1)
         k = _rms(k, w[p + "self_attn.k_norm.weight"], eps).transpose(0, 1)
         att = _attend(_rope(q, positions, theta), _rope(k, positions, theta), v, allowed)
-        x = x + att @ w[p + "self_attn.o_proj.weight"].T
+        x = x + _proj(att, w, p + "self_attn.o_proj")
         h = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
         mlp = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
         x = x + mlp @ w[p + "mlp.down_proj.weight"].T
@@ -141,7 +147,9 @@ def _max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
         ("llada", {}),
         ("llada", {"n_kv_heads": 2}),
         ("llada", {"weight_tying": True}),
+        ("llada", {"include_qkv_bias": True, "n_kv_heads": 2}),
         ("sdar", {}),
+        ("sdar", {"attention_bias": True}),
         ("sdar", {"tie_word_embeddings": True, "block_size": 8}),
     ],
 )
@@ -242,6 +250,51 @@ def test_missing_tensor_is_named(tmp_path: Path) -> None:
         WeightLoadError, match=r"missing \(1\): model\.transformer\.blocks\.1\.up_proj\.weight"
     ):
         load_model(path, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize(
+    "family,name",
+    [
+        ("llada", "model.transformer.blocks.0.k_proj.weight"),
+        ("llada", "model.transformer.blocks.1.ff_proj.weight"),
+        ("sdar", "model.layers.1.self_attn.k_proj.weight"),
+        ("sdar", "model.layers.0.mlp.up_proj.weight"),
+    ],
+)
+def test_missing_shard_of_merged_projection_is_named(tmp_path: Path, family: str, name: str) -> None:
+    """q/k/v and gate/up are merged in the model; a checkpoint lacking one still names the official tensor."""
+    path = write_tiny_checkpoint(family, tmp_path / "m", with_tokenizer=False)
+    _rewrite(path, lambda t: t.pop(name))
+    with pytest.raises(WeightLoadError) as error:
+        load_model(path, torch.float32, "cpu")
+    assert error.value.missing == [name] and not error.value.unexpected and not error.value.wrong_shapes
+
+
+def test_wrong_shape_of_merged_shard_is_named(tmp_path: Path) -> None:
+    path = write_tiny_checkpoint("sdar", tmp_path / "m", with_tokenizer=False)
+    name = "model.layers.0.self_attn.v_proj.weight"
+    _rewrite(path, lambda t: t.__setitem__(name, t[name][:-1].clone()))
+    with pytest.raises(WeightLoadError) as error:
+        load_model(path, torch.float32, "cpu")
+    assert [entry[0] for entry in error.value.wrong_shapes] == [name] and not error.value.missing
+
+
+def test_merged_projections_hold_the_official_tensors(tmp_path: Path) -> None:
+    """Each official q/k/v (weight and bias) and gate/up tensor lands in its row slice of the merged
+    parameter, and the merged layer's outputs are views of one result, not copies."""
+    path = write_tiny_checkpoint("sdar", tmp_path / "m", seed=4, with_tokenizer=False, attention_bias=True)
+    model, _ = load_model(path, torch.float32, "cpu")
+    w = load_file(str(path / "model.safetensors"))
+    layer, p = model.model.layers[1], "model.layers.1."
+    qkv, gate_up = layer.self_attn.qkv_proj, layer.mlp.gate_up_proj
+    for part in ("weight", "bias"):
+        expected = torch.cat([w[f"{p}self_attn.{x}_proj.{part}"] for x in "qkv"])
+        assert torch.equal(getattr(qkv, part), expected)
+    assert torch.equal(
+        gate_up.weight, torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
+    )
+    query, key, value = qkv(torch.randn(5, qkv.in_features))
+    assert query._base is not None and query._base is key._base is value._base
 
 
 def test_unexpected_and_wrong_shape_are_named(tmp_path: Path) -> None:

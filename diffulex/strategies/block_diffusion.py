@@ -69,12 +69,6 @@ class BlockDiffusionStrategy(Strategy):
         start = request.num_cached // self.block_size * self.block_size
         return start, start + self.block_size
 
-    def _phase(self, request: Request) -> str:
-        if request.num_cached < self._prefill_end(request):
-            return "prefill"
-        start, end = self._current_block(request)
-        return "denoise" if self.masked_positions(request, max(start, request.num_prompt), end) else "store"
-
     def _decode_block_start(self, request: Request) -> int:
         """Start of the block holding the first undecoded position (blocks decode left to right)."""
         first_mask = request.tokens.index(request.mask_token_id, request.num_prompt)
@@ -105,19 +99,16 @@ class BlockDiffusionStrategy(Strategy):
     def plan(self, request: Request) -> SequencePlan:
         if self.options.fuse_block_store:
             return self._plan_fused(request)
-        phase = self._phase(request)
-        request.strategy_state["phase"] = phase
-        if phase == "prefill":
-            query_start, query_end = request.num_cached, self._prefill_end(request)
+        prefill_end = self._prefill_end(request)
+        if request.num_cached < prefill_end:
+            phase, query_start, query_end, candidates = "prefill", request.num_cached, prefill_end, []
         else:
             query_start, query_end = self._current_block(request)
-        positions = list(range(query_start, query_end))
-        candidates = (
-            self.masked_positions(request, max(query_start, request.num_prompt), query_end)
-            if phase == "denoise"
-            else []
-        )
+            candidates = self.masked_positions(request, max(query_start, request.num_prompt), query_end)
+            phase = "denoise" if candidates else "store"
+        request.strategy_state["phase"] = phase
         request.strategy_state["candidates"] = candidates
+        positions = list(range(query_start, query_end))
         return SequencePlan(
             request_id=request.request_id,
             token_ids=request.tokens[query_start:query_end],
