@@ -406,6 +406,9 @@ def _replay_in_graph(datas: list[dict], num_splits: int | None, max_pages: int =
             num_splits=num_splits,
         )  # fmt: skip
 
+    # The warm-up launch really runs: give it the first case's page table (a table of -1 pages under
+    # non-zero context lengths would read before the cache, an illegal address).
+    static["pt"][:, : first["page_tables"].shape[1]].copy_(first["page_tables"])
     launch()  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
