@@ -73,6 +73,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+@torch.inference_mode()
 def median_ms(fn, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
