@@ -1,0 +1,75 @@
+"""Sweep the paged-attention kernel's tile sizes and split counts at decode shapes (device only).
+
+    python scripts/tune_attention.py --out $OUT
+
+Shapes: LLaDA-8B heads (32 x 128, no GQA), page 32, bf16; 32 query tokens per sequence over a 1,024-token
+cache, at 1 and 64 sequences. Prints the best configurations per shape and the default's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+from diffulex.kernels.paged_attention import paged_attention_triton
+
+
+def inputs(
+    num_seqs: int, q_len: int = 32, context: int = 1024, heads: int = 32, dim: int = 128, page: int = 32
+):
+    torch.manual_seed(0)
+    tokens = num_seqs * q_len
+    pages_per_seq = -(-(context + q_len) // page)
+    cache_pages = num_seqs * pages_per_seq
+    dev, dt = "cuda", torch.bfloat16
+    query = torch.randn(tokens, heads, dim, device=dev, dtype=dt)
+    key = torch.randn(tokens, heads, dim, device=dev, dtype=dt)
+    value = torch.randn(tokens, heads, dim, device=dev, dtype=dt)
+    k_cache = torch.randn(cache_pages, page, heads, dim, device=dev, dtype=dt)
+    v_cache = torch.randn(cache_pages, page, heads, dim, device=dev, dtype=dt)
+    perm = torch.randperm(cache_pages, device=dev).to(torch.int32)
+    tables = perm.view(num_seqs, pages_per_seq)
+    cu = torch.arange(0, tokens + 1, q_len, device=dev, dtype=torch.int32)
+    ids = torch.zeros(tokens, device=dev, dtype=torch.long)
+    ctx = torch.full((num_seqs,), context, device=dev, dtype=torch.int32)
+    holes = torch.zeros(num_seqs, 2, device=dev, dtype=torch.int32)
+    return (query, key, value, k_cache, v_cache, cu, ids, ctx, holes, tables, dim**-0.5, q_len)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    results = {}
+    for num_seqs in (1, 64):
+        data = inputs(num_seqs)
+        default_ms = do_bench(lambda: paged_attention_triton(*data), warmup=20, rep=100, return_mode="median")
+        rows = []
+        splits = (1, 4, 9, 16) if num_seqs == 1 else (1, 2)
+        for ns, bm, bn, warps, stages in itertools.product(
+            splits, (16, 32), (32, 64, 128), (4, 8), (1, 2, 3)
+        ):
+            config = dict(num_splits=ns, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+            try:
+                ms = do_bench(
+                    lambda: paged_attention_triton(*data, **config), warmup=10, rep=50, return_mode="median"
+                )
+            except Exception as error:  # out of shared memory, etc.
+                rows.append({**config, "ms": None, "error": type(error).__name__})
+                continue
+            rows.append({**config, "ms": ms})
+        ok = sorted((r for r in rows if r["ms"] is not None), key=lambda r: r["ms"])
+        results[num_seqs] = {"default_ms": default_ms, "best": ok[:10], "all": rows}
+        print(f"{num_seqs} sequences: default {1000 * default_ms:.1f} us")
+        for r in ok[:8]:
+            print(f"   {1000 * r['ms']:.1f} us  {r}")
+    (args.out / "tune_attention.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
