@@ -14,9 +14,8 @@ import json
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench
-
 from diffulex.kernels.paged_attention import paged_attention_triton
+from triton.testing import do_bench
 
 
 def inputs(
@@ -48,7 +47,9 @@ def main() -> None:
     results = {}
     for num_seqs in (1, 64):
         data = inputs(num_seqs)
-        default_ms = do_bench(lambda: paged_attention_triton(*data), warmup=20, rep=100, return_mode="median")
+        default_ms = do_bench(
+            lambda data=data: paged_attention_triton(*data), warmup=20, rep=100, return_mode="median"
+        )
         rows = []
         splits = (1, 4, 9, 16) if num_seqs == 1 else (1, 2)
         for ns, bm, bn, warps, stages in itertools.product(
@@ -57,7 +58,10 @@ def main() -> None:
             config = dict(num_splits=ns, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
             try:
                 ms = do_bench(
-                    lambda: paged_attention_triton(*data, **config), warmup=10, rep=50, return_mode="median"
+                    lambda data=data, config=config: paged_attention_triton(*data, **config),
+                    warmup=10,
+                    rep=50,
+                    return_mode="median",
                 )
             except Exception as error:  # out of shared memory, etc.
                 rows.append({**config, "ms": None, "error": type(error).__name__})
