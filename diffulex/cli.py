@@ -1,4 +1,4 @@
-"""The ``diffulex`` command: ``diffulex generate`` (offline) — the server command joins it later."""
+"""The ``diffulex`` command: ``diffulex generate`` (offline) and ``diffulex serve`` (OpenAI-compatible HTTP)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,51 @@ def generate(
             typer.echo(json.dumps(record))
         else:
             typer.echo(output.text if output.text is not None else " ".join(map(str, output.token_ids)))
+
+
+@app.command()
+def serve(
+    config: Annotated[
+        Path | None, typer.Option(help="YAML launch config with engine: and server: sections.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Checkpoint folder; default: the bundled model.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 8000).")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="Require this Bearer key on /v1/* (default: $DIFFULEX_API_KEY).")
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Model name clients send (default: the checkpoint folder's name).")
+    ] = None,
+    set_: Annotated[
+        list[str],
+        typer.Option(
+            "--set",
+            help="Override key=value (repeatable): an engine option, or a server one "
+            "(host, port, api_key, served_model_name, request_timeout_s; or server.<key>).",
+        ),
+    ] = [],  # noqa: B006
+) -> None:
+    """Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
+    from diffulex.config import load_serve_config
+
+    try:
+        overrides = dict(parse_override(item) for item in set_)
+        engine_config, server_config = load_serve_config(
+            config,
+            overrides=overrides,
+            model=model,
+            host=host,
+            port=port,
+            api_key=api_key,
+            served_model_name=served_model_name,
+        )
+    except (ConfigError, ValueError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    from diffulex.server.app import build_and_run
+
+    build_and_run(engine_config, server_config)
 
 
 if __name__ == "__main__":

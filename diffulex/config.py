@@ -1,11 +1,13 @@
 """Launch configuration: pydantic models that reject unknown keys and name the bad one.
 
 ``EngineConfig`` is what the engine needs; it loads from YAML (``configs/*.yaml``), keyword arguments and
-``--set key=value`` overrides, in that order of increasing priority.
+``--set key=value`` overrides, in that order of increasing priority. ``ServerConfig`` is what the HTTP
+server needs (``server:`` section of the same YAML); ``load_serve_config`` builds both.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,6 +86,23 @@ class EngineConfig(BaseModel):
     mask_token_id: int | None = Field(None, description="Override the checkpoint's mask token id.")
 
 
+class ServerConfig(BaseModel):
+    """Everything the HTTP server is launched with (the engine's options live in EngineConfig)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 exposes the server to the network.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
+    api_key: str | None = Field(
+        default_factory=lambda: os.environ.get("DIFFULEX_API_KEY") or None,
+        description="Require 'Authorization: Bearer <key>' on /v1/*; None (default: $DIFFULEX_API_KEY) = open.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Model name clients pass as 'model'; None = the checkpoint folder's name."
+    )
+    request_timeout_s: float = Field(600.0, gt=0, description="A request running longer is aborted (504).")
+
+
 def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
@@ -119,3 +138,57 @@ def load_engine_config(
         return EngineConfig(**data)
     except ValidationError as error:
         raise ConfigError(f"invalid engine config: {_describe(error)}") from None
+
+
+def load_serve_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    model: str | None = None,
+    **server_kwargs: Any,
+) -> tuple[EngineConfig, ServerConfig]:
+    """Build (EngineConfig, ServerConfig) for ``diffulex serve``.
+
+    Priority, lowest first: the YAML file (``engine:`` and ``server:`` sections; a flat file is all
+    engine), then ``model``/``server_kwargs`` (explicit flags), then ``overrides`` (``--set``): a key is
+    a server key when it is a ServerConfig field or starts with ``server.``, else an engine key (an
+    ``engine.`` prefix is allowed). No model anywhere → the bundled default model.
+    """
+    engine_data: dict[str, Any] = {}
+    server_data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values")
+        if "engine" in loaded or "server" in loaded:
+            unknown = set(loaded) - {"engine", "server"}
+            if unknown:
+                raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; use engine: and server:")
+            engine_data.update(loaded.get("engine") or {})
+            server_data.update(loaded.get("server") or {})
+        else:
+            engine_data.update(loaded)
+    if model is not None:
+        engine_data["model"] = model
+    server_data.update({k: v for k, v in server_kwargs.items() if v is not None})
+    for key, value in (overrides or {}).items():
+        if key.startswith("server."):
+            server_data[key.removeprefix("server.")] = value
+        elif key.startswith("engine."):
+            engine_data[key.removeprefix("engine.")] = value
+        elif key in ServerConfig.model_fields:
+            server_data[key] = value
+        else:
+            engine_data[key] = value
+    if not engine_data.get("model"):
+        from diffulex.llm import default_model_path  # lazy: llm imports the engine (and torch)
+
+        engine_data["model"] = default_model_path()
+    try:
+        engine_config = EngineConfig(**engine_data)
+    except ValidationError as error:
+        raise ConfigError(f"invalid engine config: {_describe(error)}") from None
+    try:
+        server_config = ServerConfig(**server_data)
+    except ValidationError as error:
+        raise ConfigError(f"invalid server config: {_describe(error)}") from None
+    return engine_config, server_config
