@@ -238,10 +238,11 @@ def test_client_disconnect_mid_stream_frees_its_pages(served: Served) -> None:
     body = {"model": served.model, "prompt": [3, 4, 5], "max_tokens": 1000, "ignore_eos": True, "stream": True}
     finished_before = served.client.counts["finished"]
     with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=30) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                break  # one chunk received: hang up with the request still running
-        assert not served.pages_whole()
+        # Keep the line iterator alive: dropping it closes the response, i.e. hangs up already.
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        assert not served.pages_whole(), "the request should still be running"
+    # Leaving the block closes the connection mid-stream.
     wait_until_whole(served)
     assert served.client.counts["finished"] == finished_before  # aborted, not run to the end
 
