@@ -162,7 +162,9 @@ def load_serve_config(
         if "engine" in loaded or "server" in loaded:
             unknown = set(loaded) - {"engine", "server"}
             if unknown:
-                raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; use engine: and server:")
+                raise ConfigError(
+                    f"{path}: unknown top-level key(s) {sorted(unknown)}; use engine: and server:"
+                )
             engine_data.update(loaded.get("engine") or {})
             server_data.update(loaded.get("server") or {})
         else:

@@ -32,7 +32,9 @@ def render_messages(serving: Serving, body: ChatCompletionRequest) -> list[int]:
             "this model has no tokenizer with a chat template: use /v1/completions with token ids",
             param="messages",
         )
-    messages = [{**message.model_dump(exclude_none=True), "content": message.text()} for message in body.messages]
+    messages = [
+        {**message.model_dump(exclude_none=True), "content": message.text()} for message in body.messages
+    ]
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as error:  # a template that rejects the conversation (roles, order) is a client error

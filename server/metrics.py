@@ -50,7 +50,9 @@ class _EngineCollector(Collector):
             "diffulex_forwards", "Model forwards of finished requests.", value=client.num_forwards_total
         )
         yield CounterMetricFamily(
-            "diffulex_generated_tokens", "Tokens returned by finished requests.", value=client.num_tokens_total
+            "diffulex_generated_tokens",
+            "Tokens returned by finished requests.",
+            value=client.num_tokens_total,
         )
 
 
@@ -61,7 +63,10 @@ class Metrics:
         self.client = client
         self.registry = CollectorRegistry()
         self.step_latency = Histogram(
-            "diffulex_step_latency_seconds", "Engine step latency.", buckets=STEP_BUCKETS, registry=self.registry
+            "diffulex_step_latency_seconds",
+            "Engine step latency.",
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
         )
         self.registry.register(_EngineCollector(client))
         self.http_responses = Counter(

@@ -116,7 +116,9 @@ class Serving:
                     output = update.output
                     assert output is not None
                     if mode == "denoise":
-                        yield StreamEvent(output.text or "", list(output.token_ids), output.finish_reason, output)
+                        yield StreamEvent(
+                            output.text or "", list(output.token_ids), output.finish_reason, output
+                        )
                     else:
                         tail = output.token_ids[len(deltas.token_ids) :]
                         yield StreamEvent(deltas.finish(output.text), tail, output.finish_reason, output)

@@ -8,9 +8,6 @@ compare the layers' CUDA dispatch with their own torch code.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from diffulex.kernels.fused_ops import (
 from diffulex.layers.activation import SiluAndMul, silu_and_mul
 from diffulex.layers.norm import RMSNorm
 from diffulex.layers.rotary import RotaryEmbedding
+from tests.interpreter import run_interpreted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,19 +107,7 @@ CASES = _build_cases()
 
 @pytest.fixture(scope="module")
 def kernel_out(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("fused_kernels")
-    torch.save(CASES, tmp / "cases.pt")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(tmp / "cases.pt"), str(tmp / "out.pt")],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"interpreted kernel run failed:\n{proc.stdout}\n{proc.stderr}"
-    return torch.load(tmp / "out.pt")
+    return run_interpreted(_CHILD, CASES, tmp_path_factory.mktemp("fused_kernels"))
 
 
 def _reference(case: dict):

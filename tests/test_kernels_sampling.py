@@ -7,9 +7,6 @@ the variable in its environment); the comparisons run here. GPU tests are marked
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from diffulex.kernels.sampling import (
 
 from diffulex.sampling.confidence import sample_tokens
 from diffulex.step import SampleSpec
+from tests.interpreter import run_interpreted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INF = float("inf")
@@ -118,19 +116,7 @@ CASES = _build_cases()
 
 @pytest.fixture(scope="module")
 def kernel_out(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    tmp = tmp_path_factory.mktemp("sampling_kernel")
-    torch.save(CASES, tmp / "cases.pt")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(tmp / "cases.pt"), str(tmp / "out.pt")],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"interpreted kernel run failed:\n{proc.stdout}\n{proc.stderr}"
-    return torch.load(tmp / "out.pt")
+    return run_interpreted(_CHILD, CASES, tmp_path_factory.mktemp("sampling_kernel"))
 
 
 def _truth(logits: torch.Tensor, mask: int, policy: str) -> torch.Tensor:

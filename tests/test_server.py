@@ -16,13 +16,13 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from diffulex.server.app import create_app
+from diffulex.server.engine_client import EngineClient
 
 from diffulex import SamplingParams
 from diffulex.config import ServerConfig, load_engine_config, load_serve_config
 from diffulex.engine.engine import Engine
 from diffulex.llm import LLM
-from diffulex.server.app import create_app
-from diffulex.server.engine_client import EngineClient
 
 # block_diffusion on SDAR uses KV pages (so page accounting is checked) and is fast on CPU.
 PAGED = {
@@ -158,7 +158,9 @@ def test_health_models_and_metrics(served: Served) -> None:
     assert httpx.get(f"{served.url}/health").json()["status"] == "ok"
     models = httpx.get(f"{served.url}/v1/models").json()
     assert models["data"][0]["id"] == served.model
-    httpx.post(f"{served.url}/v1/completions", json={"model": served.model, "prompt": [1, 2], "max_tokens": 4})
+    httpx.post(
+        f"{served.url}/v1/completions", json={"model": served.model, "prompt": [1, 2], "max_tokens": 4}
+    )
     metrics = httpx.get(f"{served.url}/metrics").text
     for name in (
         "diffulex_requests_total",
@@ -235,7 +237,13 @@ def test_200_concurrent_requests_match_offline_and_free_every_page(served: Serve
 
 def test_client_disconnect_mid_stream_frees_its_pages(served: Served) -> None:
     # 1000 tokens take ~2 s on CPU: the hang-up comes long before the end.
-    body = {"model": served.model, "prompt": [3, 4, 5], "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    body = {
+        "model": served.model,
+        "prompt": [3, 4, 5],
+        "max_tokens": 1000,
+        "ignore_eos": True,
+        "stream": True,
+    }
     finished_before = served.client.counts["finished"]
     with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=30) as response:
         # Keep the line iterator alive: dropping it closes the response, i.e. hangs up already.
@@ -280,7 +288,9 @@ def test_api_key_is_enforced_when_configured(guarded: Served) -> None:
 # ----- configuration ----------------------------------------------------------------------------------
 def test_serve_config_file_flags_and_overrides(tmp_path: Path, tiny_llada: Path) -> None:
     path = tmp_path / "serve.yaml"
-    path.write_text(f"engine:\n  model: {tiny_llada}\n  block_size: 8\nserver:\n  port: 9000\n  host: 0.0.0.0\n")
+    path.write_text(
+        f"engine:\n  model: {tiny_llada}\n  block_size: 8\nserver:\n  port: 9000\n  host: 0.0.0.0\n"
+    )
     engine, server = load_serve_config(path, overrides={"port": 9100, "max_num_reqs": 3}, host="127.0.0.1")
     assert (engine.block_size, engine.max_num_reqs, server.port, server.host) == (8, 3, 9100, "127.0.0.1")
     with pytest.raises(ValueError, match="unknown key 'prot'"):

@@ -81,17 +81,23 @@ class BlockDiffusionStrategy(Strategy):
             state["block_start"] = block_start
             state["step"] = 0
         state["phase"] = "denoise"
-        query_start, query_end = request.num_cached, block_start + self.block_size
-        positions = list(range(query_start, query_end))
+        query_end = block_start + self.block_size
         candidates = self.masked_positions(request, max(block_start, request.num_prompt), query_end)
         state["candidates"] = candidates
+        return self._sequence(request, request.num_cached, query_end, block_start, candidates)
+
+    def _sequence(
+        self, request: Request, query_start: int, query_end: int, store_end: int, candidates: list[int]
+    ) -> SequencePlan:
+        """Query ``[query_start, query_end)`` over the cache before it; store ``[query_start, store_end)``."""
+        positions = list(range(query_start, query_end))
         return SequencePlan(
             request_id=request.request_id,
             token_ids=request.tokens[query_start:query_end],
             positions=positions,
             block_ids=[p // self.block_size for p in positions],
             context_len=query_start,
-            store_range=(0, block_start - query_start),
+            store_range=(0, store_end - query_start),
             sample_indices=[p - query_start for p in candidates],
             sample=self.sample_spec(request),
         )
@@ -108,17 +114,8 @@ class BlockDiffusionStrategy(Strategy):
             phase = "denoise" if candidates else "store"
         request.strategy_state["phase"] = phase
         request.strategy_state["candidates"] = candidates
-        positions = list(range(query_start, query_end))
-        return SequencePlan(
-            request_id=request.request_id,
-            token_ids=request.tokens[query_start:query_end],
-            positions=positions,
-            block_ids=[p // self.block_size for p in positions],
-            context_len=query_start,
-            store_range=(0, len(positions)) if phase != "denoise" else (0, 0),
-            sample_indices=[p - query_start for p in candidates],
-            sample=self.sample_spec(request),
-        )
+        store_end = query_start if phase == "denoise" else query_end  # prefill and store forwards store
+        return self._sequence(request, query_start, query_end, store_end, candidates)
 
     def num_query_tokens(self, request: Request) -> int:
         if self.options.fuse_block_store:
