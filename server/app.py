@@ -22,7 +22,7 @@ from diffulex.config import EngineConfig, ServerConfig
 from . import chat, completions, health, metrics, models_route
 from .engine_client import EngineClient
 from .protocol import APIError, error_body
-from .serving import Serving
+from .serving import ClientDisconnected, Serving
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,11 @@ def create_app(client: EngineClient, server_config: ServerConfig | None = None) 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, error: APIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_disconnect(request: Request, error: ClientDisconnected) -> JSONResponse:
+        # Nobody reads this: the request was aborted; 499 (nginx's "client closed request") for the logs.
+        return JSONResponse(error_body(str(error), "invalid_request_error"), status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

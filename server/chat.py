@@ -17,7 +17,7 @@ from .protocol import (
     error_body,
     new_id,
 )
-from .serving import Serving
+from .serving import Serving, unless_disconnected
 from .sse import DONE, sse_event
 
 router = APIRouter()
@@ -58,7 +58,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         return StreamingResponse(
             _sse(serving, completion_id, events, include_usage), media_type="text/event-stream"
         )
-    output = await serving.generate(prompt_ids, params)
+    output = await unless_disconnected(request, serving.generate(prompt_ids, params))
     choice = ChatChoice(
         index=0,
         message=AssistantMessage(content=output.text),

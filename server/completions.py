@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from diffulex.request import RequestOutput
 
 from .protocol import APIError, Completion, CompletionChoice, CompletionRequest, error_body, new_id
-from .serving import Serving
+from .serving import Serving, unless_disconnected
 from .sse import DONE, sse_event
 
 router = APIRouter()
@@ -49,8 +49,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> dict |
         return StreamingResponse(
             _sse(serving, completion_id, events, include_usage), media_type="text/event-stream"
         )
-    results = await asyncio.gather(
-        *(serving.generate(ids, params) for ids in prompts), return_exceptions=True
+    results = await unless_disconnected(
+        request,
+        asyncio.gather(*(serving.generate(ids, params) for ids in prompts), return_exceptions=True),
     )
     for result in results:
         if isinstance(result, BaseException):

@@ -111,7 +111,8 @@ class EngineClient:
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._subscribers.pop(request_id, None)
-            self.engine.abort(request_id)
+            if self.engine.abort(request_id) is not None:
+                self.counts["abort"] += 1
 
     def stats(self) -> dict:
         with self._lock:
@@ -134,6 +135,7 @@ class EngineClient:
             for request_id in list(self.engine.requests):
                 output = self.engine.abort(request_id)
                 if output is not None:
+                    self.counts["abort"] += 1
                     self._deliver(request_id, RequestUpdate(request_id, finished=True, output=output))
 
     # ----- engine thread ------------------------------------------------------------------------------

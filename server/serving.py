@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+from starlette.requests import Request
 
 from diffulex.config import ServerConfig
 from diffulex.engine.engine import QueueFullError
@@ -17,6 +20,45 @@ from diffulex.sampling_params import SamplingParams
 from .engine_client import EngineClient, RequestUpdate
 from .protocol import APIError, DiffusionInfo, StreamMode, Usage
 from .sse import TextDeltas, render_snapshot
+
+
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.05
+
+
+class ClientDisconnected(Exception):
+    """The client hung up before a non-streaming answer was ready (its requests were aborted)."""
+
+
+async def _until_disconnected(request: Request, poll_s: float) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(poll_s)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T], poll_s: float = DISCONNECT_POLL_S) -> T:
+    """Await ``work`` but cancel it as soon as the client disconnects (polled every ``poll_s``).
+
+    Cancelling closes the ``EngineClient.generate`` iterators inside, which aborts their requests and
+    frees their pages; then ``ClientDisconnected`` is raised. Uvicorn does not cancel a handler when its
+    client hangs up, so a non-streaming request would otherwise run to the end for nobody.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request, poll_s))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the handler itself was cancelled: take the work down with it
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+    raise ClientDisconnected("the client disconnected")
 
 
 @dataclass

@@ -6,23 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
+import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from diffulex.server.app import create_app
-from diffulex.server.engine_client import EngineClient
 
 from diffulex import SamplingParams
-from diffulex.config import ServerConfig, load_engine_config, load_serve_config
-from diffulex.engine.engine import Engine
+from diffulex.config import load_serve_config
 from diffulex.llm import LLM
+from tests.server_fixtures import Served, serve, wait_until_whole
 
 # block_diffusion on SDAR uses KV pages (so page accounting is checked) and is fast on CPU.
 PAGED = {
@@ -45,53 +41,14 @@ SMALL_QUEUE = {
 API_KEY = "secret-key"
 
 
-@dataclass
-class Served:
-    url: str
-    client: EngineClient
-    model: str
-
-    def pages_whole(self) -> bool:
-        with self.client._lock:  # the engine is not thread-safe; the test peeks between steps
-            engine = self.client.engine
-            return not engine.has_unfinished() and engine.kv_cache.is_whole()
-
-
-def _serve(model: Path, engine_options: dict, **server_options) -> Iterator[Served]:
-    engine = Engine(load_engine_config(model=str(model), **engine_options))
-    client = EngineClient(engine, idle_wait_s=0.01)
-    app = create_app(client, ServerConfig(port=0, **server_options))
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield Served(f"http://127.0.0.1:{port}", client, app.state.serving.model_name)
-    server.should_exit = True
-    thread.join(timeout=10)
-    client.shutdown(drain=False)
-
-
 @pytest.fixture(scope="module")
 def served(tiny_sdar: Path) -> Iterator[Served]:
-    yield from _serve(tiny_sdar, PAGED)
+    yield from serve(tiny_sdar, PAGED)
 
 
 @pytest.fixture(scope="module")
 def guarded(tiny_llada: Path) -> Iterator[Served]:
-    yield from _serve(tiny_llada, SMALL_QUEUE, api_key=API_KEY, served_model_name="tiny")
-
-
-def wait_until_whole(served: Served, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not served.pages_whole():
-        assert time.monotonic() < deadline, f"KV pages not freed: {served.client.stats()}"
-        time.sleep(0.02)
+    yield from serve(tiny_llada, SMALL_QUEUE, api_key=API_KEY, served_model_name="tiny")
 
 
 # ----- the official client ----------------------------------------------------------------------------
@@ -252,6 +209,32 @@ def test_client_disconnect_mid_stream_frees_its_pages(served: Served) -> None:
         assert not served.pages_whole(), "the request should still be running"
     # Leaving the block closes the connection mid-stream.
     wait_until_whole(served)
+    assert served.client.counts["finished"] == finished_before  # aborted, not run to the end
+
+
+def test_client_disconnect_before_a_non_streamed_answer_aborts_it(served: Served) -> None:
+    # 2000 tokens take several seconds on CPU; the client hangs up after 0.3 s, long before the end.
+    body = json.dumps(
+        {"model": served.model, "prompt": [3, 4, 5], "max_tokens": 2000, "ignore_eos": True}
+    ).encode()
+    finished_before = served.client.counts["finished"]
+    aborted_before = served.client.counts["abort"]
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 5
+        while served.pages_whole():  # wait until the engine has taken the request
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert not served.pages_whole(), "the request should still be running"
+    # Closing the socket hangs up with no answer read; the server must notice and abort the request.
+    wait_until_whole(served, timeout_s=5)
+    assert served.client.counts["abort"] == aborted_before + 1
     assert served.client.counts["finished"] == finished_before  # aborted, not run to the end
 
 
