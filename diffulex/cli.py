@@ -90,6 +90,7 @@ def serve(
 ) -> None:
     """Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
     from diffulex.config import load_serve_config
+    from diffulex.llm import default_model_path
 
     try:
         overrides = dict(parse_override(item) for item in set_)
@@ -97,6 +98,7 @@ def serve(
             config,
             overrides=overrides,
             model=model,
+            default_model=default_model_path,
             host=host,
             port=port,
             api_key=api_key,

@@ -8,6 +8,7 @@ server needs (``server:`` section of the same YAML); ``load_serve_config`` build
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -144,6 +145,7 @@ def load_serve_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     model: str | None = None,
+    default_model: Callable[[], str] | None = None,
     **server_kwargs: Any,
 ) -> tuple[EngineConfig, ServerConfig]:
     """Build (EngineConfig, ServerConfig) for ``diffulex serve``.
@@ -151,7 +153,8 @@ def load_serve_config(
     Priority, lowest first: the YAML file (``engine:`` and ``server:`` sections; a flat file is all
     engine), then ``model``/``server_kwargs`` (explicit flags), then ``overrides`` (``--set``): a key is
     a server key when it is a ServerConfig field or starts with ``server.``, else an engine key (an
-    ``engine.`` prefix is allowed). No model anywhere → the bundled default model.
+    ``engine.`` prefix is allowed). No model anywhere → ``default_model()`` (the caller passes the
+    bundled model's resolver: this ground-floor module imports nothing of the engine).
     """
     engine_data: dict[str, Any] = {}
     server_data: dict[str, Any] = {}
@@ -181,10 +184,8 @@ def load_serve_config(
             server_data[key] = value
         else:
             engine_data[key] = value
-    if not engine_data.get("model"):
-        from diffulex.llm import default_model_path  # lazy: llm imports the engine (and torch)
-
-        engine_data["model"] = default_model_path()
+    if not engine_data.get("model") and default_model is not None:
+        engine_data["model"] = default_model()
     try:
         engine_config = EngineConfig(**engine_data)
     except ValidationError as error:
