@@ -134,7 +134,9 @@ class ChatMessage(BaseModel):
         parts = []
         for part in self.content:
             if part.get("type") != "text":
-                raise APIError(400, f"content part type {part.get('type')!r} is not supported", "messages")
+                raise APIError(
+                    400, f"content part type {part.get('type')!r} is not supported", param="messages"
+                )
             parts.append(str(part.get("text", "")))
         return "".join(parts)
 

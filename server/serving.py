@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,7 +19,6 @@ from diffulex.sampling_params import SamplingParams
 from .engine_client import EngineClient, RequestUpdate
 from .protocol import APIError, DiffusionInfo, StreamMode, Usage
 from .sse import TextDeltas, render_snapshot
-
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.05
@@ -110,9 +108,17 @@ class Serving:
     ) -> tuple[AsyncIterator[RequestUpdate], RequestUpdate, float]:
         """Submit one request and wait for its first update (the final one when not streaming).
 
-        Engine refusals become APIErrors; past ``request_timeout_s`` the request is aborted (504).
+        Engine refusals (and ``steps`` past ``max_model_len``) become APIErrors; past ``request_timeout_s`` the request is aborted (504).
         Returns the update iterator, the first update and the deadline.
         """
+        if params.steps is not None and params.steps > self.max_model_len:
+            # Steps past the tokens to decode are forwards that commit nothing: a huge value would only
+            # hold the engine for nothing until the request timeout.
+            raise APIError(
+                400,
+                f"steps must be <= max_model_len ({self.max_model_len}), got {params.steps}",
+                param="steps",
+            )
         deadline = time.monotonic() + self.config.request_timeout_s
         updates = self.client.generate(prompt_ids, params, stream=stream)
         try:

@@ -148,6 +148,7 @@ def test_health_models_and_metrics(served: Served) -> None:
         ({"echo": True}, 400, "echo", "echo"),
         ({"temperature": -1}, 400, "temperature", "temperature must be >= 0"),
         ({"stream_mode": "sideways"}, 400, "stream_mode", "stream_mode"),
+        ({"steps": 10**9}, 400, "steps", "steps must be <= max_model_len"),
     ],
 )
 def test_bad_requests_get_openai_errors(served: Served, change, status, param, message) -> None:
@@ -165,6 +166,13 @@ def test_malformed_json_and_missing_fields_are_400(served: Served) -> None:
     assert response.status_code == 400 and "error" in response.json()
     response = httpx.post(f"{served.url}/v1/chat/completions", json={"model": served.model})
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    messages = [{"role": "user", "content": [{"type": "image_url"}]}]
+    response = httpx.post(
+        f"{served.url}/v1/chat/completions", json={"model": served.model, "messages": messages}
+    )
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "messages"
+    assert error["type"] == "invalid_request_error"
 
 
 # ----- concurrency, parity with offline, pages --------------------------------------------------------
