@@ -14,11 +14,10 @@ from .protocol import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
-    error_body,
     new_id,
 )
 from .serving import Serving, unless_disconnected
-from .sse import DONE, sse_event
+from .sse import sse_event
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 64  # chat answers are longer than OpenAI's 16-token completion default
@@ -85,21 +84,10 @@ async def _sse(
     }
     first_delta = {"role": "assistant", "content": ""}
     yield sse_event({**base, "choices": [{"index": 0, "delta": first_delta, "finish_reason": None}]})
-    try:
-        async for event in events:
-            delta = {"content": event.text} if event.text or event.output is None else {}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
-            chunk = {**base, "choices": [choice]}
-            if event.output is not None:
-                chunk |= serving.final_chunk_extras(event.output)
-                if include_usage:
-                    yield sse_event(chunk)
-                    chunk = {**base, "choices": [], "usage": serving.usage([event.output]).model_dump()}
-            yield sse_event(chunk)
-    except APIError as error:
-        yield sse_event(error.body())
-    except Exception as error:  # headers are sent: report in-band, then end the stream
-        yield sse_event(error_body(f"stream failed: {error}", "server_error"))
-    finally:
-        await events.aclose()
-    yield DONE
+
+    def choice(event) -> dict:
+        delta = {"content": event.text} if event.text or event.output is None else {}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+
+    async for line in serving.sse_stream(events, base, choice, include_usage):
+        yield line

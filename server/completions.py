@@ -11,9 +11,8 @@ from fastapi.responses import StreamingResponse
 
 from diffulex.request import RequestOutput
 
-from .protocol import APIError, Completion, CompletionChoice, CompletionRequest, error_body, new_id
+from .protocol import APIError, Completion, CompletionChoice, CompletionRequest, new_id
 from .serving import Serving, unless_disconnected
-from .sse import DONE, sse_event
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -80,26 +79,15 @@ async def _sse(
 ) -> AsyncIterator[str]:
     created = int(time.time())
     base = {"id": completion_id, "object": "text_completion", "created": created, "model": serving.model_name}
-    try:
-        async for event in events:
-            choice = {
-                "index": 0,
-                "text": event.text,
-                "logprobs": None,
-                "finish_reason": event.finish_reason,
-                "token_ids": event.token_ids,
-            }
-            chunk = {**base, "choices": [choice]}
-            if event.output is not None:
-                chunk |= serving.final_chunk_extras(event.output)
-                if include_usage:
-                    yield sse_event(chunk)
-                    chunk = {**base, "choices": [], "usage": serving.usage([event.output]).model_dump()}
-            yield sse_event(chunk)
-    except APIError as error:
-        yield sse_event(error.body())
-    except Exception as error:  # headers are sent: report in-band, then end the stream
-        yield sse_event(error_body(f"stream failed: {error}", "server_error"))
-    finally:
-        await events.aclose()
-    yield DONE
+
+    def choice(event) -> dict:
+        return {
+            "index": 0,
+            "text": event.text,
+            "logprobs": None,
+            "finish_reason": event.finish_reason,
+            "token_ids": event.token_ids,
+        }
+
+    async for line in serving.sse_stream(events, base, choice, include_usage):
+        yield line

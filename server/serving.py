@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,8 +17,8 @@ from diffulex.request import RequestOutput
 from diffulex.sampling_params import SamplingParams
 
 from .engine_client import EngineClient, RequestUpdate
-from .protocol import APIError, DiffusionInfo, StreamMode, Usage
-from .sse import TextDeltas, render_snapshot
+from .protocol import APIError, DiffusionInfo, StreamMode, Usage, error_body
+from .sse import DONE, TextDeltas, render_snapshot, sse_event
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.05
@@ -212,3 +212,29 @@ class Serving:
 
     def final_chunk_extras(self, output: RequestOutput) -> dict[str, Any]:
         return {"diffusion": self.diffusion([output]).model_dump()}
+
+    async def sse_stream(
+        self,
+        events: AsyncIterator,
+        base: dict[str, Any],
+        make_choice: Callable[[Any], dict[str, Any]],
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        """The SSE lines of one streamed choice: a chunk per event (the last with the ``diffusion``
+        object, then a usage chunk when asked), errors in-band once headers are sent, then [DONE]."""
+        try:
+            async for event in events:
+                chunk = {**base, "choices": [make_choice(event)]}
+                if event.output is not None:
+                    chunk |= self.final_chunk_extras(event.output)
+                    if include_usage:
+                        yield sse_event(chunk)
+                        chunk = {**base, "choices": [], "usage": self.usage([event.output]).model_dump()}
+                yield sse_event(chunk)
+        except APIError as error:
+            yield sse_event(error.body())
+        except Exception as error:  # headers are sent: report in-band, then end the stream
+            yield sse_event(error_body(f"stream failed: {error}", "server_error"))
+        finally:
+            await events.aclose()
+        yield DONE
