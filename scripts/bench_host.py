@@ -30,12 +30,19 @@ class NullModel(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.hidden = hidden
+        self.seconds = 0.0  # time spent inside the null model itself (subtracted: "excluding the model")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(input_ids.shape[0], self.hidden)
+        start = time.perf_counter()
+        out = torch.zeros(input_ids.shape[0], self.hidden)
+        self.seconds += time.perf_counter() - start
+        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.randn(hidden.shape[0], self.vocab_size) * 4
+        start = time.perf_counter()
+        out = torch.randn(hidden.shape[0], self.vocab_size) * 4
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 def measure(checkpoint: Path, strategy: str, family_block: int, num_requests: int, steps: int) -> dict:
@@ -50,7 +57,8 @@ def measure(checkpoint: Path, strategy: str, family_block: int, num_requests: in
         enable_prefix_caching=False,
     )
     engine = llm.engine
-    engine.runner.model = NullModel(engine.spec.vocab_size)
+    null_model = NullModel(engine.spec.vocab_size)
+    engine.runner.model = null_model
     # Long generations so every request stays running for the whole measurement.
     params = SamplingParams(
         max_tokens=4096, ignore_eos=True, threshold=0.9 if strategy != "block_diffusion" else None
@@ -71,6 +79,7 @@ def measure(checkpoint: Path, strategy: str, family_block: int, num_requests: in
         return result
 
     engine.runner.execute = timed_execute  # type: ignore[method-assign]
+    null_model.seconds = 0.0
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
@@ -81,7 +90,9 @@ def measure(checkpoint: Path, strategy: str, family_block: int, num_requests: in
         "strategy": strategy,
         "num_requests": num_requests,
         "step_ms": 1000 * total / steps,
-        "runner_ms": 1000 * runner_time / steps,
+        "model_ms": 1000 * null_model.seconds / steps,
+        "host_ms": 1000 * (total - null_model.seconds) / steps,
+        "runner_ms": 1000 * (runner_time - null_model.seconds) / steps,
         "engine_ms": 1000 * (total - runner_time) / steps,
     }
 
@@ -101,11 +112,14 @@ def main() -> None:
             for count in args.requests:
                 results.append(measure(checkpoint, strategy, 32, count, args.steps))
     print(f"host overhead per step, null model, block 32 ({platform.processor() or platform.machine()})")
-    print(f"{'strategy':<16}{'requests':>9}{'step ms':>10}{'engine ms':>11}{'runner ms':>11}")
+    print(
+        f"{'strategy':<16}{'requests':>9}{'step ms':>10}{'null model':>11}{'host ms':>10}"
+        f"{'engine':>9}{'runner':>9}"
+    )
     for row in results:
         print(
-            f"{row['strategy']:<16}{row['num_requests']:>9}{row['step_ms']:>10.3f}"
-            f"{row['engine_ms']:>11.3f}{row['runner_ms']:>11.3f}"
+            f"{row['strategy']:<16}{row['num_requests']:>9}{row['step_ms']:>10.3f}{row['model_ms']:>11.3f}"
+            f"{row['host_ms']:>10.3f}{row['engine_ms']:>9.3f}{row['runner_ms']:>9.3f}"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
