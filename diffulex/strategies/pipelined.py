@@ -22,6 +22,8 @@ tokens fixed, and at most ``buffer_size`` blocks are in the buffer.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from diffulex.block_buffer import Block, BlockState
 from diffulex.request import Request
 from diffulex.sampling.selection import select_above, select_top_k
@@ -48,11 +50,15 @@ class PipelinedStrategy(Strategy):
         total = request.num_prompt + request.params.max_tokens
         return -(-total // self.block_size) * self.block_size
 
-    def _block_id(self, request: Request, position: int) -> int:
-        if self.prompt_is_block:
-            prompt = request.num_prompt
-            return 0 if position < prompt else 1 + (position - prompt) // self.block_size
-        return position // self.block_size
+    def _block_ids(self, request: Request, start: int, end: int) -> list[int]:
+        """Block ids of positions ``[start, end)``: d2f's prompt is block 0, then one id per block."""
+        size = self.block_size
+        if not self.prompt_is_block:
+            return [p // size for p in range(start, end)]
+        prompt = request.num_prompt
+        ids = [0] * max(0, min(end, prompt) - start)
+        ids += [1 + (p - prompt) // size for p in range(max(start, prompt), end)]  # generated: 1, 2, ...
+        return ids
 
     def generation_length(self, request: Request) -> int:
         return self._region_end(request) - request.num_prompt
@@ -80,8 +86,7 @@ class PipelinedStrategy(Strategy):
             request.strategy_state["added_end"] = first + self.block_size
 
     def _decoded_fraction(self, request: Request, block: Block) -> float:
-        mask = request.mask_token_id
-        masked = sum(1 for p in range(block.start, block.end) if request.tokens[p] == mask)
+        masked = request.tokens[block.start : block.end].count(request.mask_token_id)
         return 1.0 - masked / block.size
 
     def _threshold(self, request: Request) -> float:
@@ -132,7 +137,7 @@ class PipelinedStrategy(Strategy):
             request_id=request.request_id,
             token_ids=request.tokens[query_start:query_end],
             positions=positions,
-            block_ids=[self._block_id(request, p) for p in positions],
+            block_ids=self._block_ids(request, query_start, query_end),
             context_len=query_start,
             store_range=(0, store_end - query_start),
             sample_indices=[p - query_start for p in candidates],
@@ -161,13 +166,15 @@ class PipelinedStrategy(Strategy):
         candidates: list[int] = state["candidates"]
         threshold = self._threshold(request)
         eos_ids = set(request.eos_token_ids)
+        mask = request.mask_token_id
+        tokens = request.tokens
         index = 0
         for block in request.buffer.blocks:
-            if block.end <= state["store_end"]:
+            end = block.end
+            if end <= state["store_end"]:
                 block.state = BlockState.CACHED
             lo = index
-            while index < len(candidates) and candidates[index] < block.end:
-                index += 1
+            index = bisect_left(candidates, end, lo)  # candidates are sorted: this block's slice
             if index == lo:
                 continue
             confidences = output.confidences[lo:index]
@@ -176,10 +183,10 @@ class PipelinedStrategy(Strategy):
                 chosen = select_top_k(confidences, 1)
             for choice in chosen.tolist():
                 token = int(output.token_ids[lo + choice])
-                request.tokens[candidates[lo + choice]] = token
+                tokens[candidates[lo + choice]] = token
                 if token in eos_ids:
                     state["eos_committed"] = True
-            if not self.masked_positions(request, block.start, block.end):
+            if mask not in tokens[block.start : end]:
                 block.state = BlockState.COMPLETE
         request.buffer.pop_cached()
         all_decoded = all(block.state is BlockState.COMPLETE for block in request.buffer.blocks)
