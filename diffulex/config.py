@@ -29,6 +29,11 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     model: str = Field(description="Path to a Hugging Face checkpoint folder (config.json + safetensors).")
+    base_model: str | None = Field(
+        None,
+        description="When model is a PEFT LoRA adapter folder: its base checkpoint folder (the adapter is "
+        "merged at load); None = the adapter config's base_model_name_or_path, if a local folder.",
+    )
     dtype: DTypeName = Field("auto", description="auto = bfloat16 on CUDA, float32 on CPU.")
     device: str = Field("auto", description="auto = cuda when available, else cpu.")
     strategy: StrategyName | None = Field(None, description="Decoding strategy; None = the family default.")

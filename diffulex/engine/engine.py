@@ -68,7 +68,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.kv_cache, self.strategy, config.max_num_reqs, config.max_num_batched_tokens
         )
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = load_tokenizer(config.model, base_model=config.base_model)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0

@@ -56,7 +56,7 @@ class ModelRunner:
             torch.backends.mkldnn.enabled = False
         self.dtype = resolve_dtype(config.dtype, self.device)
         if model_and_spec is None:
-            model_and_spec = load_model(config.model, self.dtype, self.device)
+            model_and_spec = load_model(config.model, self.dtype, self.device, base_model=config.base_model)
         self.model, self.spec = model_and_spec
         self.model.eval()
         self.page_size = config.page_size

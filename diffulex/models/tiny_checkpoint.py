@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-FAMILIES = ("llada", "sdar")
+FAMILIES = ("llada", "sdar", "dream")
 CHARACTERS = ["\t", "\n", *[chr(code) for code in range(32, 127)]]  # ids 0..96
 
 # Special tokens after the characters, as in the official tokenizers (names as there); the first is unk.
@@ -33,6 +33,7 @@ _SPECIAL_TOKENS = {
         "<|mdm_mask|>",
     ],
     "sdar": ["<|unk|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|MASK|>"],
+    "dream": ["<|unk|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"],
 }
 _CHAT_TEMPLATES = {
     "llada": (
@@ -45,6 +46,7 @@ _CHAT_TEMPLATES = {
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     ),
 }
+_CHAT_TEMPLATES["dream"] = _CHAT_TEMPLATES["sdar"]  # both use Qwen's <|im_start|>/<|im_end|> turns
 
 
 def special_token_ids(family: str) -> dict[str, int]:
@@ -126,9 +128,39 @@ def _sdar_config(ids: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def _dream_config(ids: dict[str, int]) -> dict[str, Any]:
+    # Field names of Dream-org/Dream-v0-Instruct-7B's config.json; q/k/v always carry a bias there.
+    return {
+        "architectures": ["DreamModel"],
+        "model_type": "Dream",
+        "attention_dropout": 0.0,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|endoftext|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "mask_token_id": ids["<|mask|>"],
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "max_position_embeddings": 32768,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "vocab_size": 256,
+        "torch_dtype": "float32",
+    }
+
+
 def _generation_config(family: str, ids: dict[str, int]) -> dict[str, Any]:
     if family == "llada":
         eos, bos = [ids["<|endoftext|>"], ids["<|eot_id|>"]], ids["<|startoftext|>"]
+    elif family == "dream":
+        eos, bos = [ids["<|endoftext|>"], ids["<|im_end|>"]], ids["<|endoftext|>"]
     else:
         eos, bos = [ids["<|im_end|>"], ids["<|endoftext|>"]], ids["<|endoftext|>"]
     return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": ids["<|endoftext|>"]}
@@ -195,6 +227,37 @@ def _sdar_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _dream_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    hidden, vocab, mlp = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
+    head_dim = hidden // cfg["num_attention_heads"]
+    kv_dim = cfg["num_key_value_heads"] * head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for layer in range(cfg["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}"
+        shapes |= {
+            f"{prefix}.input_layernorm.weight": (hidden,),
+            f"{prefix}.self_attn.q_proj.weight": (hidden, hidden),
+            f"{prefix}.self_attn.q_proj.bias": (hidden,),
+            f"{prefix}.self_attn.k_proj.weight": (kv_dim, hidden),
+            f"{prefix}.self_attn.k_proj.bias": (kv_dim,),
+            f"{prefix}.self_attn.v_proj.weight": (kv_dim, hidden),
+            f"{prefix}.self_attn.v_proj.bias": (kv_dim,),
+            f"{prefix}.self_attn.o_proj.weight": (hidden, hidden),
+            f"{prefix}.post_attention_layernorm.weight": (hidden,),
+            f"{prefix}.mlp.gate_proj.weight": (mlp, hidden),
+            f"{prefix}.mlp.up_proj.weight": (mlp, hidden),
+            f"{prefix}.mlp.down_proj.weight": (hidden, mlp),
+        }
+    shapes["model.norm.weight"] = (hidden,)
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+_CONFIGS = {"llada": _llada_config, "sdar": _sdar_config, "dream": _dream_config}
+_TENSOR_SHAPES = {"llada": _llada_tensor_shapes, "sdar": _sdar_tensor_shapes, "dream": _dream_tensor_shapes}
+
+
 def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     if "norm" in name or name.endswith("ln_f.weight"):
@@ -245,12 +308,13 @@ def _write_tokenizer(family: str, vocab_size: int, ids: dict[str, int], out_dir:
     named = {
         "llada": {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
         "sdar": {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+        "dream": {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
     }[family]
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **named,
         "unk_token": "<|unk|>",
-        "mask_token": "<|mdm_mask|>" if family == "llada" else "<|MASK|>",
+        "mask_token": {"llada": "<|mdm_mask|>", "sdar": "<|MASK|>", "dream": "<|mask|>"}[family],
         "model_max_length": 1 << 20,
         "clean_up_tokenization_spaces": False,
         "chat_template": _CHAT_TEMPLATES[family],
@@ -274,7 +338,7 @@ def write_tiny_checkpoint(
     ``model-0000k-of-0000N.safetensors`` files and ``model.safetensors.index.json``.
     """
     ids = special_token_ids(family)
-    config = (_llada_config if family == "llada" else _sdar_config)(ids) | config_overrides
+    config = _CONFIGS[family](ids) | config_overrides
     vocab_key = "embedding_size" if family == "llada" and config.get("embedding_size") else "vocab_size"
     needed = len(CHARACTERS) + len(ids)
     if config[vocab_key] < needed:
@@ -284,7 +348,7 @@ def write_tiny_checkpoint(
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(_generation_config(family, ids), indent=2) + "\n")
 
-    shapes = (_llada_tensor_shapes if family == "llada" else _sdar_tensor_shapes)(config)
+    shapes = _TENSOR_SHAPES[family](config)
     generator = torch.Generator().manual_seed(seed)
     tensors = {name: _random_tensor(name, shape, generator) for name, shape in shapes.items()}
     _write_safetensors(tensors, out, shards)
@@ -293,4 +357,64 @@ def write_tiny_checkpoint(
     return out
 
 
-__all__ = ["CHARACTERS", "FAMILIES", "special_token_ids", "write_tiny_checkpoint"]
+def write_tiny_lora_adapter(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    r: int = 4,
+    alpha: float = 8,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 0,
+    use_rslora: bool = False,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write a PEFT LoRA adapter for the checkpoint at ``base_dir`` into ``out_dir`` (created); return it.
+
+    The layout is PEFT's ``save_pretrained``: ``adapter_config.json`` and ``adapter_model.safetensors`` with
+    ``base_model.model.<module>.lora_A.weight [r, in]`` / ``.lora_B.weight [out, r]`` for every 2-D weight
+    of a module whose name is a target or ends with ``.<target>`` (PEFT's suffix match). A and B are both
+    random (PEFT initialises B to zero; a trained adapter's is not, and a zero B would hide a wrong merge).
+    ``base_model_name_or_path`` defaults to ``base_dir``.
+    """
+    from diffulex.models.loader import iter_checkpoint_tensors
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, weight in iter_checkpoint_tensors(base_dir):
+        module = name.removesuffix(".weight")
+        if module == name or weight.dim() != 2:
+            continue
+        if not any(module == target or module.endswith(f".{target}") for target in targets):
+            continue
+        out_features, in_features = weight.shape
+        lora_a = torch.randn(r, in_features, generator=generator) / in_features**0.5
+        lora_b = torch.randn(out_features, r, generator=generator) * (0.5 / r**0.5)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = lora_a
+        tensors[f"base_model.model.{module}.lora_B.weight"] = lora_b
+    if not tensors:
+        raise ValueError(f"no module of {base_dir} matches the targets {list(targets)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": str(base_dir)
+        if base_model_name_or_path is None
+        else base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.05,
+        "target_modules": list(targets),
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+__all__ = ["CHARACTERS", "FAMILIES", "special_token_ids", "write_tiny_checkpoint", "write_tiny_lora_adapter"]
