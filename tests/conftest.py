@@ -23,8 +23,13 @@ def tiny_sdar(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_paths(tiny_llada: Path, tiny_sdar: Path) -> dict[str, Path]:
-    return {"llada": tiny_llada, "sdar": tiny_sdar}
+def tiny_dream(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint("dream", tmp_path_factory.mktemp("ckpt") / "dream", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tiny_llada: Path, tiny_sdar: Path, tiny_dream: Path) -> dict[str, Path]:
+    return {"llada": tiny_llada, "sdar": tiny_sdar, "dream": tiny_dream}
 
 
 @pytest.fixture

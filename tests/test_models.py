@@ -111,6 +111,33 @@ def sdar_reference_logits(path: Path, ids: torch.Tensor, block_size: int) -> tor
     return x @ head.T
 
 
+def dream_reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Dream (Qwen2.5 layout): biased q/k/v, no q/k norm, head_dim = hidden // heads, bidirectional.
+    Unshifted: row i is the head applied to hidden i (the engine reads position i from row i - 1)."""
+    cfg = json.loads((path / "config.json").read_text())
+    w = load_file(str(path / "model.safetensors"))
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg["hidden_size"] // heads
+    eps, theta, tokens = cfg["rms_norm_eps"], cfg["rope_theta"], ids.shape[0]
+    positions = torch.arange(tokens)
+    allowed = torch.ones(tokens, tokens, dtype=torch.bool)
+    x = w["model.embed_tokens.weight"][ids]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = _rms(x, w[p + "input_layernorm.weight"], eps)
+        q = _proj(h, w, p + "self_attn.q_proj").view(tokens, heads, head_dim).transpose(0, 1)
+        k = _proj(h, w, p + "self_attn.k_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
+        v = _proj(h, w, p + "self_attn.v_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
+        att = _attend(_rope(q, positions, theta), _rope(k, positions, theta), v, allowed)
+        x = x + att @ w[p + "self_attn.o_proj.weight"].T
+        h = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
+        mlp = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
+        x = x + mlp @ w[p + "mlp.down_proj.weight"].T
+    x = _rms(x, w["model.norm.weight"], eps)
+    head = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w["lm_head.weight"]
+    return x @ head.T
+
+
 # ---- helpers ----
 
 
@@ -151,6 +178,9 @@ def _max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
         ("sdar", {}),
         ("sdar", {"attention_bias": True}),
         ("sdar", {"tie_word_embeddings": True, "block_size": 8}),
+        ("dream", {}),
+        ("dream", {"num_key_value_heads": 4}),
+        ("dream", {"tie_word_embeddings": True, "num_attention_heads": 2}),
     ],
 )
 def test_forward_matches_plain_reference(tmp_path: Path, family: str, overrides: dict) -> None:
@@ -160,6 +190,9 @@ def test_forward_matches_plain_reference(tmp_path: Path, family: str, overrides:
     logits = model_logits(model, spec, ids)
     if family == "llada":
         expected = llada_reference_logits(path, ids)
+    elif family == "dream":
+        assert "model.layers.0.self_attn.q_proj.bias" in load_file(str(path / "model.safetensors"))
+        expected = dream_reference_logits(path, ids)
     else:
         expected = sdar_reference_logits(path, ids, spec.default_block_size)
     assert logits.shape == (37, spec.vocab_size)
@@ -180,7 +213,7 @@ def test_sdar_attention_is_block_causal(tmp_path: Path) -> None:
     assert not torch.allclose(before[12:], after[12:])
 
 
-@pytest.mark.parametrize("family", ["llada", "sdar"])
+@pytest.mark.parametrize("family", ["llada", "sdar", "dream"])
 def test_sharded_checkpoint_gives_identical_logits(tmp_path: Path, family: str) -> None:
     single = write_tiny_checkpoint(family, tmp_path / "single", seed=5, with_tokenizer=False)
     sharded = write_tiny_checkpoint(family, tmp_path / "sharded", seed=5, with_tokenizer=False, shards=3)
@@ -195,7 +228,7 @@ def test_sharded_checkpoint_gives_identical_logits(tmp_path: Path, family: str) 
     assert torch.equal(model_logits(model_a, spec, ids), model_logits(model_b, spec, ids))
 
 
-@pytest.mark.parametrize("family", ["llada", "sdar"])
+@pytest.mark.parametrize("family", ["llada", "sdar", "dream"])
 def test_bf16_close_to_fp32(tmp_path: Path, family: str) -> None:
     path = write_tiny_checkpoint(family, tmp_path / family, with_tokenizer=False)
     model32, spec = load_model(path, torch.float32, "cpu")
@@ -208,7 +241,7 @@ def test_bf16_close_to_fp32(tmp_path: Path, family: str) -> None:
     assert (logits16.float().argmax(-1) == logits32.argmax(-1)).float().mean() >= 0.9
 
 
-@pytest.mark.parametrize("family", ["llada", "sdar"])
+@pytest.mark.parametrize("family", ["llada", "sdar", "dream"])
 def test_model_is_batch_invariant_across_packed_sequences(tmp_path: Path, family: str) -> None:
     """A sequence's logits are bit-identical alone and packed after another sequence in the same step."""
     path = write_tiny_checkpoint(family, tmp_path / family, with_tokenizer=False)
@@ -377,10 +410,51 @@ def test_spec_of_official_sdar_config() -> None:
     assert (overridden.mask_token_id, overridden.default_block_size) == (7, 16)
 
 
+def test_spec_of_official_dream_config() -> None:
+    # Fields of Dream-org/Dream-v0-Instruct-7B's config.json (the ones the spec reads).
+    config = {
+        "architectures": ["DreamModel"], "model_type": "Dream", "hidden_size": 3584, "intermediate_size": 18944,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "num_hidden_layers": 28, "vocab_size": 152064,
+        "max_position_embeddings": 131072, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
+        "mask_token_id": 151666, "pad_token_id": 151643, "bos_token_id": 151643, "eos_token_id": 151643,
+        "tie_word_embeddings": False,
+    }  # fmt: skip
+    cls = resolve_model_class(config)
+    assert (
+        cls
+        is resolve_model_class({"model_type": "dream"})
+        is resolve_model_class({"architectures": ["DreamModel"]})
+    )
+    spec = cls.spec_from_config(config)
+    assert (spec.family, spec.head_dim, spec.num_kv_heads, spec.vocab_size) == ("dream", 128, 4, 152064)
+    assert (spec.mask_token_id, spec.pad_token_id, spec.eos_token_ids) == (151666, 151643, (151643, 151645))
+    assert (spec.shift_logits, spec.native_attention, spec.default_strategy) == (
+        True,
+        "bidirectional",
+        "vanilla",
+    )
+    assert (spec.default_block_size, spec.vanilla_schedule) == (32, "dream")
+    # DreamConfig's defaults when the config leaves the ids out.
+    bare = {k: v for k, v in config.items() if not k.endswith("token_id")}
+    spec = cls.spec_from_config(bare)
+    assert (spec.mask_token_id, spec.pad_token_id, spec.eos_token_id) == (151666, 151643, 151643)
+
+
+def test_dream_attention_is_bidirectional(tmp_path: Path) -> None:
+    """Changing the last token changes the logits of every earlier position (no causal mask)."""
+    path = write_tiny_checkpoint("dream", tmp_path / "dream", with_tokenizer=False)
+    model, spec = load_model(path, torch.float32, "cpu")
+    ids = _ids(12, spec.mask_token_id)
+    changed = ids.clone()
+    changed[-1] = (ids[-1] + 1) % 97
+    before, after = model_logits(model, spec, ids), model_logits(model, spec, changed)
+    assert all(not torch.allclose(before[i], after[i]) for i in range(11))
+
+
 # ---- tokenizer ----
 
 
-@pytest.mark.parametrize("family", ["llada", "sdar"])
+@pytest.mark.parametrize("family", ["llada", "sdar", "dream"])
 def test_tiny_tokenizer_matches_config_ids(tmp_path: Path, family: str) -> None:
     path = write_tiny_checkpoint(family, tmp_path / family)
     tokenizer = load_tokenizer(path)

@@ -93,6 +93,30 @@ def test_vanilla_dream_schedule_equals_diffusion_generate(
     assert got == [(list(t), n) for t, n in expected]
 
 
+@pytest.mark.parametrize(
+    ("policy", "alg"), [("probability", "maskgit_plus"), ("margin", "topk_margin"), ("entropy", "entropy")]
+)
+@pytest.mark.parametrize("steps", [16, 8])
+def test_vanilla_on_dream_equals_shifted_diffusion_generate(
+    policy, alg, steps, tiny_paths, plain, make_llm
+) -> None:
+    """The family default on a Dream checkpoint (vanilla, Dream schedule, shifted logits: position j read
+    from hidden j-1) equals Dream's ``diffusion_generate`` with the shift, token for token and in forwards."""
+    got = run_engine(
+        make_llm,
+        tiny_paths["dream"],
+        {},  # nothing named: the spec's defaults (vanilla, block 32, schedule "dream", shift_logits)
+        SamplingParams(max_tokens=16, steps=steps, unmask_policy=policy, ignore_eos=True),
+    )
+    expected = [
+        loops.dream_generate(plain["dream"], p, steps, 16, alg=alg, shift_logits=True) for p in PROMPTS
+    ]
+    assert got == [(list(t), n) for t, n in expected]
+    # The shift matters on this checkpoint: the unshifted loop decodes something else.
+    unshifted = [loops.dream_generate(plain["dream"], p, steps, 16, alg=alg) for p in PROMPTS]
+    assert [list(t) for t, _ in unshifted] != [t for t, _ in got]
+
+
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize(("threshold", "steps"), [(None, 8), (None, 16), (0.3, None), (0.8, None)])
 def test_fast_dllm_equals_reference_cache_loop(cache, threshold, steps, tiny_paths, plain, make_llm) -> None:

@@ -1,4 +1,4 @@
-"""Plain, obviously-correct torch forwards of the LLaDA and SDAR architectures (test reference only).
+"""Plain, obviously-correct torch forwards of the LLaDA, SDAR and Dream architectures (test reference only).
 
 Weights are read straight from a checkpoint folder by the OFFICIAL Hugging Face parameter names:
 
@@ -17,6 +17,11 @@ Weights are read straight from a checkpoint folder by the OFFICIAL Hugging Face 
   ``model.layers.{i}.mlp.{gate_proj,up_proj,down_proj}``, ``model.norm``, ``lm_head`` (absent/ignored when
   ``tie_word_embeddings``). q_norm/k_norm are per-head RMSNorms over ``head_dim`` applied BEFORE RoPE;
   scaling head_dim**-0.5; GQA via ``num_key_value_heads``.
+* Dream (``model_type`` "Dream", ``DreamModel``; Qwen2.5 layout, verified in NVlabs/Fast-dLLM
+  ``dream/model/modeling_dream.py`` at 6a3fe32): the SDAR names without ``q_norm``/``k_norm``;
+  ``q_proj``/``k_proj``/``v_proj`` always have a bias, ``o_proj`` none; head_dim = hidden // heads;
+  bidirectional attention. The logit shift (position i from hidden i-1) is the loop's business
+  (``loops.dream_generate(shift_logits=True)``); ``logits`` here are unshifted.
 
 Everything is computed with full tensors, batch size 1, no fused kernels. RMSNorm is always computed in
 float32; logits are returned as float32.
@@ -33,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 # Family defaults for the mask id when config.json has no ``mask_token_id`` (REFERENCE.md table).
-DEFAULT_MASK_TOKEN_ID = {"llada": 126336, "sdar": 151669}
+DEFAULT_MASK_TOKEN_ID = {"llada": 126336, "sdar": 151669, "dream": 151666}
 
 # Defaults of LLaDA's ``ModelConfig`` dataclass (configuration_llada.py) for fields a config.json may omit.
 _LLADA_DEFAULTS = {
@@ -148,7 +153,7 @@ class _Loader:
 
 
 class PlainModel:
-    """Plain forward of a LLaDA or SDAR checkpoint; see the module docstring for the exact names."""
+    """Plain forward of a LLaDA, SDAR or Dream checkpoint; see the module docstring for the exact names."""
 
     def __init__(self, path, dtype: torch.dtype = torch.float32):
         self.path = Path(path)
@@ -163,6 +168,8 @@ class PlainModel:
             a in ("SDARForCausalLM", "Qwen3ForCausalLM") for a in archs
         ):
             self.family = "sdar"
+        elif model_type == "dream" or "DreamModel" in archs:
+            self.family = "dream"
         else:
             raise ValueError(f"unsupported model_type {model_type!r} / architectures {archs}")
 
@@ -240,7 +247,7 @@ class PlainModel:
             self.head_b = ld.maybe(p + "ff_out.bias")
         self.vocab_size = int(self.head.shape[0])  # = embedding_size or vocab_size
 
-    # ------------------------------------------------------------------ SDAR / Qwen3
+    # ------------------------------------------------------------------ SDAR / Qwen3, Dream / Qwen2.5
     def _init_sdar(self, ld: _Loader) -> None:
         c = self.config
         hidden, n_heads = int(c["hidden_size"]), int(c["num_attention_heads"])
@@ -258,6 +265,7 @@ class PlainModel:
         self.input_emb_norm = False
         self.hidden_size = hidden
         self.embed = ld.get("model.embed_tokens.weight")
+        qk_norm = self.family == "sdar"
         self.layers = []
         for i in range(self.num_layers):
             b = f"model.layers.{i}."
@@ -272,8 +280,9 @@ class PlainModel:
                     "v_b": ld.maybe(b + "self_attn.v_proj.bias"),
                     "o": ld.get(b + "self_attn.o_proj.weight"),
                     "o_b": ld.maybe(b + "self_attn.o_proj.bias"),
-                    "q_norm": ld.get(b + "self_attn.q_norm.weight"),
-                    "k_norm": ld.get(b + "self_attn.k_norm.weight"),
+                    # Qwen3 (SDAR) only; Dream (Qwen2.5) has no q/k norm.
+                    "q_norm": ld.get(b + "self_attn.q_norm.weight") if qk_norm else None,
+                    "k_norm": ld.get(b + "self_attn.k_norm.weight") if qk_norm else None,
                     "ff_norm": ld.get(b + "post_attention_layernorm.weight"),
                     "gate": ld.get(b + "mlp.gate_proj.weight"),
                     "gate_b": None,

@@ -1,0 +1,232 @@
+"""Dream (Dream-org/Dream-v0-Instruct-7B and -Base-7B; DiffuCoder shares it): masked diffusion on Qwen2.5.
+
+The official checkpoints (``model_type`` "Dream", architectures ``DreamModel``; ``modeling_dream.py`` /
+``configuration_dream.py`` shipped with them, also in NVlabs/Fast-dLLM ``dream/model/``) use Qwen2.5's
+layout and names: ``model.embed_tokens``, ``model.layers.{i}.self_attn.{q,k,v,o}_proj`` where q/k/v
+always carry a bias and o does not (no q/k norm), ``mlp.{gate,up,down}_proj`` (SwiGLU, no bias),
+``input_layernorm``, ``post_attention_layernorm``, ``model.norm`` and ``lm_head`` (tied to the embedding
+with ``tie_word_embeddings``). head_dim is ``hidden_size // num_attention_heads``. Our modules carry those
+names, except that q/k/v are merged into one ``self_attn.qkv_proj`` and gate/up into one
+``mlp.gate_up_proj`` (``MergedLinear``); the loader sees them under the unmerged official names.
+Attention is fully bidirectional, and the logits are SHIFTED: the prediction for position i is read from
+the hidden state at i-1 (the engine applies that through ``ModelSpec.shift_logits``; this module's
+``compute_logits`` is the plain head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffulex.layers.activation import silu_and_mul
+from diffulex.layers.attention import Attention
+from diffulex.layers.linear import Linear, MergedLinear, UnmergedView, batch_invariant_linear
+from diffulex.layers.norm import RMSNorm
+from diffulex.layers.rotary import RotaryEmbedding
+from diffulex.models.registry import (
+    ModelSpec,
+    load_mapped_weights,
+    merge_token_ids,
+    register_model,
+    token_ids,
+)
+
+# Defaults of the official DreamConfig, used when a config.json leaves the field out.
+DREAM_MASK_TOKEN_ID = 151666  # <|mask|>
+DREAM_ENDOFTEXT_ID = 151643  # <|endoftext|>: eos and pad
+DREAM_IM_END_ID = 151645  # <|im_end|>: Instruct chat turns end with it (Qwen2.5 tokenizer)
+DREAM_DEFAULT_BLOCK_SIZE = 32
+_DEFAULT_ROPE_THETA = 10000.0  # DreamConfig's default; the released 7B configs set 1e6
+_DEFAULT_RMS_EPS = 1e-6
+
+
+def _head_dim(cfg: dict[str, Any]) -> int:
+    return int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+
+
+def _check_supported(cfg: dict[str, Any]) -> None:
+    """Refuse options that would change the computation in ways this module does not implement."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise NotImplementedError(
+            f"Dream config hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')"
+        )
+    rope_scaling = cfg.get("rope_scaling")
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
+        raise NotImplementedError(f"Dream config rope_scaling={rope_scaling!r} is not supported")
+    if cfg.get("use_sliding_window"):
+        raise NotImplementedError("Dream config use_sliding_window=true is not supported")
+    if int(cfg["hidden_size"]) % int(cfg["num_attention_heads"]):
+        raise ValueError("Dream needs hidden_size divisible by num_attention_heads")
+
+
+class DreamAttention(nn.Module):
+    """Bidirectional self-attention with biased q/k/v (Qwen2), GQA through the paged attention."""
+
+    def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding):
+        super().__init__()
+        hidden_size = int(cfg["hidden_size"])
+        self.num_heads = int(cfg["num_attention_heads"])
+        self.num_kv_heads = int(cfg.get("num_key_value_heads") or self.num_heads)
+        self.head_dim = _head_dim(cfg)
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            hidden_size,
+            [("q_proj", self.num_heads * self.head_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)],
+            True,  # the official module builds q/k/v with bias=True whatever the config says
+        )
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden_size)
+        self.rotary_emb = rotary
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        query, key, value = self.qkv_proj(hidden)  # column views of one [T, q + 2 kv] result
+        query = query.view(num_tokens, self.num_heads, self.head_dim)
+        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        query, key = self.rotary_emb(positions, query, key)
+        attended = self.attn(query, key, value).reshape(num_tokens, self.num_heads * self.head_dim)
+        return self.o_proj(attended)
+
+
+class DreamMLP(nn.Module):
+    """SwiGLU MLP ``down(silu(gate(x)) * up(x))``; gate and up as one merged projection."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        hidden_size, intermediate = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+        self.gate_up_proj = MergedLinear(
+            hidden_size, [("gate_proj", intermediate), ("up_proj", intermediate)]
+        )
+        self.down_proj = Linear(intermediate, hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(*self.gate_up_proj(hidden)))
+
+
+class DreamDecoderLayer(nn.Module):
+    """Pre-norm layer: attention and MLP, each added to the residual stream (addition fused into the norm)."""
+
+    def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding):
+        super().__init__()
+        hidden_size = int(cfg["hidden_size"])
+        eps = float(cfg.get("rms_norm_eps", _DEFAULT_RMS_EPS))
+        self.self_attn = DreamAttention(cfg, rotary)
+        self.mlp = DreamMLP(cfg)
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp_out, residual)``; the layer's output is their sum, left to the next norm to add."""
+        if residual is None:
+            residual, normed = hidden, self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm(hidden, residual)
+        normed, residual = self.post_attention_layernorm(self.self_attn(positions, normed), residual)
+        return self.mlp(normed), residual
+
+
+class DreamBaseModel(nn.Module):
+    """Embedding, decoder layers and final norm (the official ``DreamBaseModel``, stored as ``model``)."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        hidden_size, vocab_size = int(cfg["hidden_size"]), int(cfg["vocab_size"])
+        self.embed_tokens = nn.Embedding(
+            vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size)
+        )
+        head_dim = _head_dim(cfg)
+        rotary = RotaryEmbedding(head_dim, head_dim, float(cfg.get("rope_theta", _DEFAULT_ROPE_THETA)))
+        self.layers = nn.ModuleList(
+            DreamDecoderLayer(cfg, rotary) for _ in range(int(cfg["num_hidden_layers"]))
+        )
+        self.norm = RMSNorm(hidden_size, float(cfg.get("rms_norm_eps", _DEFAULT_RMS_EPS)))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        if residual is None:
+            return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
+
+
+@register_model("Dream", "DreamModel")
+class DreamModel(nn.Module):
+    """The Dream LM: ``forward`` gives hidden states of the packed step, ``compute_logits`` the (unshifted)
+    logits of the rows it is given; the engine picks row j-1 for position j (``spec.shift_logits``)."""
+
+    family = "dream"
+
+    def __init__(self, hf_config: dict[str, Any]):
+        super().__init__()
+        _check_supported(hf_config)
+        self.spec = self.spec_from_config(hf_config)
+        self.model = DreamBaseModel(hf_config)
+        self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size)
+        self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
+
+    @classmethod
+    def spec_from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
+        """Dream's engine-facing facts from its HF config (DreamConfig's defaults where it has none)."""
+        generation = cfg.get("generation_config", {})
+        eos_ids = token_ids(cfg.get("eos_token_id")) or (DREAM_ENDOFTEXT_ID,)
+        vocab_size = int(cfg.get("vocab_size", 151936))
+        official_im_end = (
+            (DREAM_IM_END_ID,) if DREAM_ENDOFTEXT_ID in eos_ids and vocab_size > DREAM_IM_END_ID else ()
+        )
+        mask_id = cfg.get("mask_token_id")
+        pad_id = cfg.get("pad_token_id", generation.get("pad_token_id"))
+        return ModelSpec(
+            family=cls.family,
+            hidden_size=int(cfg["hidden_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=int(cfg["num_attention_heads"]),
+            num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+            head_dim=_head_dim(cfg),
+            vocab_size=vocab_size,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+            mask_token_id=int(mask_id) if mask_id is not None else DREAM_MASK_TOKEN_ID,
+            eos_token_ids=merge_token_ids(
+                eos_ids, token_ids(generation.get("eos_token_id")), official_im_end
+            ),
+            pad_token_id=int(pad_id) if pad_id is not None else DREAM_ENDOFTEXT_ID,
+            shift_logits=True,
+            native_attention="bidirectional",
+            default_strategy="vanilla",
+            default_block_size=int(cfg.get("block_size") or DREAM_DEFAULT_BLOCK_SIZE),
+            vanilla_schedule="dream",
+        )
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``input_ids [T]``, ``positions [T]`` (packed tokens of the step) -> final hidden ``[T, hidden]``."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [N, hidden]`` -> logits ``[N, vocab_size]`` in the model dtype (no shift here)."""
+        return batch_invariant_linear(hidden, self.lm_head.weight)
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head (``tie_word_embeddings``)."""
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the official tensors in (same names, merged projections by slice); raises ``WeightLoadError``."""
+        tied = self.tie_word_embeddings
+        load_mapped_weights(
+            UnmergedView(self, self.official_name),
+            named_tensors,
+            lambda name: name,
+            ignored=lambda name: tied and name == "lm_head.weight",
+        )
+
+    @staticmethod
+    def official_name(local_name: str) -> str:
+        """Our parameter name -> the official checkpoint name (identical for Dream)."""
+        return local_name
