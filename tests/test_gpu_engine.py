@@ -42,3 +42,12 @@ def test_gpu_memory_utilization_sizes_the_cache(tiny_paths, make_llm) -> None:
     assert 0 < runner.num_pages * runner._bytes_per_page() <= 0.3 * total
     out = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=8, ignore_eos=True))[0]
     assert len(out.token_ids) == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_dream_shifted_logits_match_cpu(tiny_paths, make_llm) -> None:
+    prompts = [[17, 5, 42], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    params = SamplingParams(max_tokens=16, steps=16, ignore_eos=True)
+    cpu = make_llm(tiny_paths["dream"]).generate(prompts, params)
+    gpu = make_llm(tiny_paths["dream"], device="cuda", dtype="float32").generate(prompts, params)
+    assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
