@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-FAMILIES = ("llada", "sdar", "dream")
+FAMILIES = ("llada", "sdar", "dream", "sdar_moe")
 CHARACTERS = ["\t", "\n", *[chr(code) for code in range(32, 127)]]  # ids 0..96
 
 # Special tokens after the characters, as in the official tokenizers (names as there); the first is unk.
@@ -47,6 +47,9 @@ _CHAT_TEMPLATES = {
     ),
 }
 _CHAT_TEMPLATES["dream"] = _CHAT_TEMPLATES["sdar"]  # both use Qwen's <|im_start|>/<|im_end|> turns
+# SDAR-MoE ships SDAR's (Qwen3) tokenizer.
+_SPECIAL_TOKENS["sdar_moe"] = _SPECIAL_TOKENS["sdar"]
+_CHAT_TEMPLATES["sdar_moe"] = _CHAT_TEMPLATES["sdar"]
 
 
 def special_token_ids(family: str) -> dict[str, int]:
@@ -125,6 +128,22 @@ def _sdar_config(ids: dict[str, int]) -> dict[str, Any]:
         "use_sliding_window": False,
         "vocab_size": 256,
         "torch_dtype": "float32",
+    }
+
+
+def _sdar_moe_config(ids: dict[str, int]) -> dict[str, Any]:
+    # Field names of JetAstra/SDAR-30B-A3B-Chat's config.json (Qwen3-MoE's): 4 experts, top-2, tiny sizes.
+    return _sdar_config(ids) | {
+        "architectures": ["SDARMoeForCausalLM"],
+        "model_type": "sdar_moe",
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 32,
+        "norm_topk_prob": True,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.001,
     }
 
 
@@ -227,6 +246,29 @@ def _sdar_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _sdar_moe_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    from diffulex.models.sdar_moe import is_moe_layer
+
+    hidden, experts, moe = cfg["hidden_size"], cfg["num_experts"], cfg["moe_intermediate_size"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in _sdar_tensor_shapes(cfg).items():
+        parts = name.split(".")
+        if len(parts) > 3 and parts[3] == "mlp" and is_moe_layer(cfg, int(parts[2])):
+            if parts[4] != "gate_proj":
+                continue  # the sparse layer's tensors are written once, in place of the dense gate_proj
+            prefix = ".".join(parts[:4])
+            shapes[f"{prefix}.gate.weight"] = (experts, hidden)
+            for expert in range(experts):
+                shapes |= {
+                    f"{prefix}.experts.{expert}.gate_proj.weight": (moe, hidden),
+                    f"{prefix}.experts.{expert}.up_proj.weight": (moe, hidden),
+                    f"{prefix}.experts.{expert}.down_proj.weight": (hidden, moe),
+                }
+            continue
+        shapes[name] = shape
+    return shapes
+
+
 def _dream_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     hidden, vocab, mlp = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
     head_dim = hidden // cfg["num_attention_heads"]
@@ -254,8 +296,18 @@ def _dream_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-_CONFIGS = {"llada": _llada_config, "sdar": _sdar_config, "dream": _dream_config}
-_TENSOR_SHAPES = {"llada": _llada_tensor_shapes, "sdar": _sdar_tensor_shapes, "dream": _dream_tensor_shapes}
+_CONFIGS = {
+    "llada": _llada_config,
+    "sdar": _sdar_config,
+    "dream": _dream_config,
+    "sdar_moe": _sdar_moe_config,
+}
+_TENSOR_SHAPES = {
+    "llada": _llada_tensor_shapes,
+    "sdar": _sdar_tensor_shapes,
+    "dream": _dream_tensor_shapes,
+    "sdar_moe": _sdar_moe_tensor_shapes,
+}
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -309,12 +361,18 @@ def _write_tokenizer(family: str, vocab_size: int, ids: dict[str, int], out_dir:
         "llada": {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
         "sdar": {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
         "dream": {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+        "sdar_moe": {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
     }[family]
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **named,
         "unk_token": "<|unk|>",
-        "mask_token": {"llada": "<|mdm_mask|>", "sdar": "<|MASK|>", "dream": "<|mask|>"}[family],
+        "mask_token": {
+            "llada": "<|mdm_mask|>",
+            "sdar": "<|MASK|>",
+            "dream": "<|mask|>",
+            "sdar_moe": "<|MASK|>",
+        }[family],
         "model_max_length": 1 << 20,
         "clean_up_tokenization_spaces": False,
         "chat_template": _CHAT_TEMPLATES[family],

@@ -1,0 +1,122 @@
+"""SDAR-MoE (JetAstra/SDAR-30B-A3B-Chat): block diffusion on the Qwen3-MoE architecture.
+
+The checkpoints (``model_type`` "sdar_moe", architectures ``SDARMoeForCausalLM``) are SDAR's layout with
+the MLP of the sparse layers replaced by routed experts, under Qwen3-MoE's names:
+``model.layers.{i}.mlp.gate.weight`` (the router, ``[num_experts, hidden]``) and
+``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight`` (``moe_intermediate_size`` wide). A layer is
+sparse when ``num_experts > 0``, it is not in ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0``;
+the others keep SDAR's dense ``mlp.{gate,up,down}_proj`` (``intermediate_size`` wide). Routing: softmax
+over the experts in fp32, top ``num_experts_per_tok``, renormalised when ``norm_topk_prob``
+(``diffulex.layers.moe``). ``router_aux_loss_coef``/``output_router_logits`` only matter for training.
+Attention, norms, head and the engine-facing facts (block-causal, mask id, block 4) are SDAR's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffulex.layers.linear import Linear
+from diffulex.layers.moe import SparseMoeBlock
+from diffulex.layers.norm import RMSNorm
+from diffulex.layers.rotary import RotaryEmbedding
+from diffulex.models.registry import register_model
+from diffulex.models.sdar import (
+    SDARMLP,
+    SDARAttention,
+    SDARForCausalLM,
+    _check_supported,
+    _head_dim,
+)
+
+
+def is_moe_layer(cfg: dict[str, Any], layer_index: int) -> bool:
+    """Whether decoder layer ``layer_index`` has routed experts (Qwen3-MoE's rule)."""
+    num_experts = int(cfg.get("num_experts") or 0)
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    mlp_only = {int(i) for i in cfg.get("mlp_only_layers") or ()}
+    return num_experts > 0 and layer_index not in mlp_only and (layer_index + 1) % step == 0
+
+
+class SDARMoeDecoderLayer(nn.Module):
+    """Pre-norm decoder layer: SDAR attention, then routed experts or a dense MLP."""
+
+    def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding, layer_index: int):
+        super().__init__()
+        hidden_size, eps = int(cfg["hidden_size"]), float(cfg.get("rms_norm_eps", 1e-6))
+        self.self_attn = SDARAttention(cfg, rotary)
+        self.mlp: nn.Module
+        if is_moe_layer(cfg, layer_index):
+            self.mlp = SparseMoeBlock(
+                hidden_size,
+                int(cfg["moe_intermediate_size"]),
+                int(cfg["num_experts"]),
+                int(cfg["num_experts_per_tok"]),
+                bool(cfg.get("norm_topk_prob", True)),
+            )
+        else:
+            self.mlp = SDARMLP(cfg)
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp_out, residual)``, the residual addition left to the next norm (as in SDAR)."""
+        if residual is None:
+            residual, normed = hidden, self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm(hidden, residual)
+        normed, residual = self.post_attention_layernorm(self.self_attn(positions, normed), residual)
+        return self.mlp(normed), residual
+
+
+class SDARMoeModel(nn.Module):
+    """Embedding, decoder layers (dense or sparse per the config) and final norm."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        hidden_size, vocab_size = int(cfg["hidden_size"]), int(cfg["vocab_size"])
+        self.embed_tokens = nn.Embedding(
+            vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size)
+        )
+        head_dim = _head_dim(cfg)
+        rotary = RotaryEmbedding(head_dim, head_dim, float(cfg.get("rope_theta", 1_000_000.0)))
+        self.layers = nn.ModuleList(
+            SDARMoeDecoderLayer(cfg, rotary, index) for index in range(int(cfg["num_hidden_layers"]))
+        )
+        self.norm = RMSNorm(hidden_size, float(cfg.get("rms_norm_eps", 1e-6)))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        if residual is None:
+            return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
+
+
+@register_model("sdar_moe", "SDARMoeForCausalLM")
+class SDARMoeForCausalLM(SDARForCausalLM):
+    """The SDAR-MoE language model: SDAR's spec, logits and loading, over a model with routed experts.
+
+    The official names are kept module for module (experts included), so SDAR's identity name map and
+    merged-projection loading apply unchanged.
+    """
+
+    family = "sdar_moe"
+
+    def __init__(self, hf_config: dict[str, Any]):
+        nn.Module.__init__(self)  # SDARForCausalLM.__init__ would build the dense model
+        _check_supported(hf_config)
+        if int(hf_config.get("num_experts") or 0) > 0:
+            for field in ("moe_intermediate_size", "num_experts_per_tok"):
+                if field not in hf_config:
+                    raise ValueError(f"SDAR-MoE config has num_experts but no {field}")
+        self.spec = self.spec_from_config(hf_config)
+        self.model = SDARMoeModel(hf_config)
+        self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size)
+        self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
