@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-FAMILIES = ("llada", "sdar", "dream", "sdar_moe")
+FAMILIES = ("llada", "sdar", "dream", "sdar_moe", "llada2_moe")
 CHARACTERS = ["\t", "\n", *[chr(code) for code in range(32, 127)]]  # ids 0..96
 
 # Special tokens after the characters, as in the official tokenizers (names as there); the first is unk.
@@ -50,6 +50,12 @@ _CHAT_TEMPLATES["dream"] = _CHAT_TEMPLATES["sdar"]  # both use Qwen's <|im_start
 # SDAR-MoE ships SDAR's (Qwen3) tokenizer.
 _SPECIAL_TOKENS["sdar_moe"] = _SPECIAL_TOKENS["sdar"]
 _CHAT_TEMPLATES["sdar_moe"] = _CHAT_TEMPLATES["sdar"]
+# LLaDA2.0 ships Ling's tokenizer: <|endoftext|> ends text, turns are <role>NAME</role>...<|role_end|>.
+_SPECIAL_TOKENS["llada2_moe"] = ["<|unk|>", "<|endoftext|>", "<role>", "</role>", "<|role_end|>", "<|mask|>"]
+_CHAT_TEMPLATES["llada2_moe"] = (
+    "{% for message in messages %}<role>{{ message['role'] | upper }}</role>{{ message['content'] }}"
+    "<|role_end|>{% endfor %}{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
+)
 
 
 def special_token_ids(family: str) -> dict[str, int]:
@@ -147,6 +153,48 @@ def _sdar_moe_config(ids: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def _llada2_moe_config(ids: dict[str, int]) -> dict[str, Any]:
+    # Field names of inclusionAI/LLaDA2.0-mini's config.json: 8 experts in 2 groups, top-2 from the best
+    # group, 1 shared expert, first layer dense, qk-norm, partial rotary 0.5; tiny sizes.
+    return {
+        "architectures": ["LLaDA2MoeModelLM"],
+        "model_type": "llada2_moe",
+        "eos_token_id": ids["<|endoftext|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "mask_token_id": ids["<|mask|>"],  # the tiny vocab needs its own id (official: 156895)
+        "first_k_dense_replace": 1,
+        "head_dim": 16,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "max_position_embeddings": 32768,
+        "moe_intermediate_size": 32,
+        "n_group": 2,
+        "norm_head": False,
+        "norm_topk_prob": True,
+        "num_attention_heads": 4,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2,
+        "num_shared_experts": 1,
+        "output_router_logits": False,
+        "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 600000,
+        "routed_scaling_factor": 2.5,
+        "score_function": "sigmoid",
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "use_bias": False,
+        "use_qk_norm": True,
+        "use_qkv_bias": False,
+        "vocab_size": 256,
+        "torch_dtype": "float32",
+    }
+
+
 def _dream_config(ids: dict[str, int]) -> dict[str, Any]:
     # Field names of Dream-org/Dream-v0-Instruct-7B's config.json; q/k/v always carry a bias there.
     return {
@@ -180,6 +228,8 @@ def _generation_config(family: str, ids: dict[str, int]) -> dict[str, Any]:
         eos, bos = [ids["<|endoftext|>"], ids["<|eot_id|>"]], ids["<|startoftext|>"]
     elif family == "dream":
         eos, bos = [ids["<|endoftext|>"], ids["<|im_end|>"]], ids["<|endoftext|>"]
+    elif family == "llada2_moe":
+        eos, bos = [ids["<|endoftext|>"]], ids["<|endoftext|>"]
     else:
         eos, bos = [ids["<|im_end|>"], ids["<|endoftext|>"]], ids["<|endoftext|>"]
     return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": ids["<|endoftext|>"]}
@@ -269,6 +319,52 @@ def _sdar_moe_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _llada2_moe_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    from diffulex.models.llada2_moe import is_moe_layer
+
+    hidden, head_dim, vocab = cfg["hidden_size"], cfg["head_dim"], cfg["vocab_size"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    experts, moe = cfg["num_experts"], cfg["moe_intermediate_size"]
+    shapes: dict[str, tuple[int, ...]] = {"model.word_embeddings.weight": (vocab, hidden)}
+
+    def swiglu(prefix: str, width: int) -> dict[str, tuple[int, ...]]:
+        return {
+            f"{prefix}.gate_proj.weight": (width, hidden),
+            f"{prefix}.up_proj.weight": (width, hidden),
+            f"{prefix}.down_proj.weight": (hidden, width),
+        }
+
+    for layer in range(cfg["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}"
+        qkv = (heads + 2 * kv_heads) * head_dim
+        shapes |= {
+            f"{prefix}.input_layernorm.weight": (hidden,),
+            f"{prefix}.attention.query_key_value.weight": (qkv, hidden),
+            f"{prefix}.attention.dense.weight": (hidden, heads * head_dim),
+            f"{prefix}.post_attention_layernorm.weight": (hidden,),
+        }
+        if cfg["use_qkv_bias"]:
+            shapes[f"{prefix}.attention.query_key_value.bias"] = (qkv,)
+        if cfg["use_bias"]:
+            shapes[f"{prefix}.attention.dense.bias"] = (hidden,)
+        if cfg["use_qk_norm"]:
+            shapes[f"{prefix}.attention.query_layernorm.weight"] = (head_dim,)
+            shapes[f"{prefix}.attention.key_layernorm.weight"] = (head_dim,)
+        if not is_moe_layer(cfg, layer):
+            shapes |= swiglu(f"{prefix}.mlp", cfg["intermediate_size"])
+            continue
+        shapes[f"{prefix}.mlp.gate.weight"] = (experts, hidden)
+        shapes[f"{prefix}.mlp.gate.expert_bias"] = (experts,)
+        for expert in range(experts):
+            shapes |= swiglu(f"{prefix}.mlp.experts.{expert}", moe)
+        if cfg["num_shared_experts"]:
+            shapes |= swiglu(f"{prefix}.mlp.shared_experts", moe * cfg["num_shared_experts"])
+    shapes["model.norm.weight"] = (hidden,)
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
 def _dream_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     hidden, vocab, mlp = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
     head_dim = hidden // cfg["num_attention_heads"]
@@ -301,12 +397,14 @@ _CONFIGS = {
     "sdar": _sdar_config,
     "dream": _dream_config,
     "sdar_moe": _sdar_moe_config,
+    "llada2_moe": _llada2_moe_config,
 }
 _TENSOR_SHAPES = {
     "llada": _llada_tensor_shapes,
     "sdar": _sdar_tensor_shapes,
     "dream": _dream_tensor_shapes,
     "sdar_moe": _sdar_moe_tensor_shapes,
+    "llada2_moe": _llada2_moe_tensor_shapes,
 }
 
 
@@ -316,7 +414,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator
         return 1.0 + 0.1 * noise  # near 1, yet different per channel so a skipped norm weight shows
     if name.endswith(".bias"):
         return 0.05 * noise
-    if name in ("model.transformer.wte.weight", "model.embed_tokens.weight"):
+    if name in ("model.transformer.wte.weight", "model.embed_tokens.weight", "model.word_embeddings.weight"):
         return noise  # unit-scale embeddings: the input tokens matter against the layers' updates
     if name in ("model.transformer.ff_out.weight", "lm_head.weight"):
         return 0.5 * noise  # logits of std ~0.5 sqrt(hidden): peaky, top-1 probabilities spread over (0, 1)
@@ -362,6 +460,7 @@ def _write_tokenizer(family: str, vocab_size: int, ids: dict[str, int], out_dir:
         "sdar": {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
         "dream": {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
         "sdar_moe": {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+        "llada2_moe": {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
     }[family]
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -372,6 +471,7 @@ def _write_tokenizer(family: str, vocab_size: int, ids: dict[str, int], out_dir:
             "sdar": "<|MASK|>",
             "dream": "<|mask|>",
             "sdar_moe": "<|MASK|>",
+            "llada2_moe": "<|mask|>",
         }[family],
         "model_max_length": 1 << 20,
         "clean_up_tokenization_spaces": False,

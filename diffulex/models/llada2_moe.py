@@ -1,0 +1,203 @@
+"""LLaDA2.0 (inclusionAI/LLaDA2.0-mini, -flash): block diffusion on a Ling/Bailing-style MoE.
+
+The checkpoints (``model_type`` "llada2_moe", architectures ``LLaDA2MoeModelLM``) name their tensors
+``model.word_embeddings``, ``model.layers.{i}.attention.query_key_value`` (q, k and v fused, split by heads:
+``num_heads + 2 * num_key_value_heads`` heads of ``head_dim``; bias with ``use_qkv_bias``),
+``attention.query_layernorm``/``key_layernorm`` (per-head RMSNorms before RoPE, with ``use_qk_norm``),
+``attention.dense`` (bias with ``use_bias``, True by the config class's default), ``input_layernorm``,
+``post_attention_layernorm``, ``model.norm`` and ``lm_head``. RoPE rotates the first
+``head_dim * partial_rotary_factor`` channels of each head (rotate-half). Layers before
+``first_k_dense_replace`` keep a dense ``mlp.{gate,up,down}_proj`` (``intermediate_size``); later ones are
+sparse: ``mlp.gate.weight``/``mlp.gate.expert_bias`` (sigmoid, group-limited routing,
+``diffulex.layers.moe.GroupedSigmoidMoeBlock``), ``mlp.experts.{e}.*`` and ``mlp.shared_experts.*``.
+Engine-facing facts: block-causal attention, no logit shift, mask ``<|mask|>`` 156895, eos
+``<|endoftext|>`` 156892, block size 32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffulex.layers.attention import Attention
+from diffulex.layers.linear import Linear
+from diffulex.layers.moe import ExpertMLP, GroupedSigmoidMoeBlock
+from diffulex.layers.norm import RMSNorm
+from diffulex.layers.rotary import RotaryEmbedding
+from diffulex.models.registry import ModelSpec, merge_token_ids, register_model, token_ids
+from diffulex.models.sdar import SDARForCausalLM
+
+LLADA2_MASK_TOKEN_ID = 156895  # <|mask|>
+LLADA2_EOS_TOKEN_ID = 156892  # <|endoftext|>: eos and pad
+LLADA2_DEFAULT_BLOCK_SIZE = 32
+
+
+def _head_dim(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+
+
+def _rotary_dim(cfg: dict[str, Any]) -> int:
+    return int(_head_dim(cfg) * float(cfg.get("partial_rotary_factor", 0.5)))
+
+
+def is_moe_layer(cfg: dict[str, Any], layer_index: int) -> bool:
+    """Whether decoder layer ``layer_index`` is sparse (the official rule)."""
+    return bool(cfg.get("num_experts")) and layer_index >= int(cfg.get("first_k_dense_replace") or 0)
+
+
+def _check_supported(cfg: dict[str, Any]) -> None:
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise NotImplementedError(f"LLaDA2 config hidden_act={cfg['hidden_act']!r} is not supported")
+    rope_scaling = cfg.get("rope_scaling")
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
+        raise NotImplementedError(f"LLaDA2 config rope_scaling={rope_scaling!r} is not supported")
+    if cfg.get("norm_head"):
+        raise NotImplementedError("LLaDA2 config norm_head=true is not supported")
+    if cfg.get("score_function", "sigmoid") != "sigmoid":
+        raise NotImplementedError(f"LLaDA2 config score_function={cfg['score_function']!r} is not supported")
+
+
+class LLaDA2Attention(nn.Module):
+    """Fused ``query_key_value``, optional per-head q/k RMSNorm, partial RoPE, paged attention, ``dense``."""
+
+    def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding):
+        super().__init__()
+        hidden_size = int(cfg["hidden_size"])
+        self.num_heads = int(cfg["num_attention_heads"])
+        self.num_kv_heads = int(cfg.get("num_key_value_heads") or self.num_heads)
+        self.head_dim = _head_dim(cfg)
+        eps = float(cfg.get("rms_norm_eps", 1e-6))
+        self.query_key_value = Linear(
+            hidden_size,
+            (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+            bool(cfg.get("use_qkv_bias", False)),
+        )
+        self.dense = Linear(self.num_heads * self.head_dim, hidden_size, bool(cfg.get("use_bias", True)))
+        self.use_qk_norm = bool(cfg.get("use_qk_norm", True))
+        if self.use_qk_norm:
+            self.query_layernorm = RMSNorm(self.head_dim, eps)
+            self.key_layernorm = RMSNorm(self.head_dim, eps)
+        self.rotary_emb = rotary
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.query_key_value(hidden).view(
+            num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim
+        )
+        query, key, value = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        if self.use_qk_norm:
+            query, key = self.query_layernorm(query), self.key_layernorm(key)
+        query, key = self.rotary_emb(positions, query, key)
+        attended = self.attn(query, key, value.contiguous())
+        return self.dense(attended.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LLaDA2DecoderLayer(nn.Module):
+    """Pre-norm layer: attention, then a dense SwiGLU (first layers) or the grouped sigmoid MoE."""
+
+    def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding, layer_index: int):
+        super().__init__()
+        hidden_size, eps = int(cfg["hidden_size"]), float(cfg.get("rms_norm_eps", 1e-6))
+        self.attention = LLaDA2Attention(cfg, rotary)
+        self.mlp: nn.Module
+        if is_moe_layer(cfg, layer_index):
+            self.mlp = GroupedSigmoidMoeBlock(
+                hidden_size,
+                int(cfg["moe_intermediate_size"]),
+                int(cfg["num_experts"]),
+                int(cfg["num_experts_per_tok"]),
+                int(cfg.get("n_group") or 1),
+                int(cfg.get("topk_group") or 1),
+                float(cfg.get("routed_scaling_factor", 1.0)),
+                int(cfg.get("num_shared_experts") or 0),
+            )
+        else:
+            self.mlp = ExpertMLP(hidden_size, int(cfg["intermediate_size"]))  # same gate/up/down names
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp_out, residual)``, the residual addition left to the next norm."""
+        if residual is None:
+            residual, normed = hidden, self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm(hidden, residual)
+        normed, residual = self.post_attention_layernorm(self.attention(positions, normed), residual)
+        return self.mlp(normed), residual
+
+
+class LLaDA2Model(nn.Module):
+    """``word_embeddings``, decoder layers and final ``norm``."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        hidden_size, vocab_size = int(cfg["hidden_size"]), int(cfg["vocab_size"])
+        self.word_embeddings = nn.Embedding(
+            vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size)
+        )
+        rotary = RotaryEmbedding(_head_dim(cfg), _rotary_dim(cfg), float(cfg.get("rope_theta", 600000.0)))
+        self.layers = nn.ModuleList(
+            LLaDA2DecoderLayer(cfg, rotary, index) for index in range(int(cfg["num_hidden_layers"]))
+        )
+        self.norm = RMSNorm(hidden_size, float(cfg.get("rms_norm_eps", 1e-6)))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.word_embeddings(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        if residual is None:
+            return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
+
+
+@register_model("llada2_moe", "LLaDA2MoeModelLM")
+class LLaDA2MoeForCausalLM(SDARForCausalLM):
+    """The LLaDA2.0 MoE language model; official names kept module for module (identity name map)."""
+
+    family = "llada2_moe"
+
+    def __init__(self, hf_config: dict[str, Any]):
+        nn.Module.__init__(self)  # SDARForCausalLM.__init__ would build SDAR's model
+        _check_supported(hf_config)
+        if hf_config.get("num_experts"):
+            for field in ("moe_intermediate_size", "num_experts_per_tok"):
+                if field not in hf_config:
+                    raise ValueError(f"LLaDA2 config has num_experts but no {field}")
+        self.spec = self.spec_from_config(hf_config)
+        self.model = LLaDA2Model(hf_config)
+        self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size)
+        self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
+
+    @classmethod
+    def spec_from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
+        generation = cfg.get("generation_config", {})
+        eos_ids = token_ids(cfg.get("eos_token_id")) or (LLADA2_EOS_TOKEN_ID,)
+        mask_id = cfg.get("mask_token_id")
+        pad_id = cfg.get("pad_token_id", generation.get("pad_token_id"))
+        return ModelSpec(
+            family=cls.family,
+            hidden_size=int(cfg["hidden_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=int(cfg["num_attention_heads"]),
+            num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+            head_dim=_head_dim(cfg),
+            vocab_size=int(cfg["vocab_size"]),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+            mask_token_id=int(mask_id) if mask_id is not None else LLADA2_MASK_TOKEN_ID,
+            eos_token_ids=merge_token_ids(eos_ids, token_ids(generation.get("eos_token_id"))),
+            pad_token_id=int(pad_id) if pad_id is not None else eos_ids[0],
+            shift_logits=False,
+            native_attention="block_causal",
+            default_strategy="block_diffusion",
+            default_block_size=int(cfg.get("block_size") or LLADA2_DEFAULT_BLOCK_SIZE),
+            vanilla_schedule="llada",
+        )
+
+    def tie_weights(self) -> None:
+        self.lm_head.weight = self.model.word_embeddings.weight
