@@ -28,8 +28,13 @@ def tiny_dream(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_paths(tiny_llada: Path, tiny_sdar: Path, tiny_dream: Path) -> dict[str, Path]:
-    return {"llada": tiny_llada, "sdar": tiny_sdar, "dream": tiny_dream}
+def tiny_llada2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint("llada2_moe", tmp_path_factory.mktemp("ckpt") / "llada2_moe", seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tiny_llada: Path, tiny_sdar: Path, tiny_dream: Path, tiny_llada2: Path) -> dict[str, Path]:
+    return {"llada": tiny_llada, "sdar": tiny_sdar, "dream": tiny_dream, "llada2_moe": tiny_llada2}
 
 
 @pytest.fixture

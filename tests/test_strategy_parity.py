@@ -41,7 +41,26 @@ class NoMaskPrediction:
 
 @pytest.fixture(scope="module")
 def plain(tiny_paths) -> dict[str, NoMaskPrediction]:
-    return {family: NoMaskPrediction(PlainModel(Path(path))) for family, path in tiny_paths.items()}
+    families = ("llada", "sdar", "dream")  # the families PlainModel implements
+    return {family: NoMaskPrediction(PlainModel(Path(tiny_paths[family]))) for family in families}
+
+
+class EngineBlockCausalLogits:
+    """``logits(ids, attn_mask)`` from the engine's cache-free ``LLM.forward_logits`` (block-causal over
+    absolute blocks of ``block_size``); the mask a loop passes must be exactly that mask. The model itself
+    is tested in tests/test_llada2.py; this adapter serves the parity of the decoding loop only."""
+
+    def __init__(self, llm, block_size: int):
+        self._llm = llm
+        self._block_size = block_size
+        self.mask_token_id = llm.engine.mask_token_id
+
+    def logits(self, ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        assert torch.equal(attn_mask, loops.block_causal_mask_abs(ids.shape[0], self._block_size))
+        logits = self._llm.forward_logits(ids.tolist(), attention="block_causal", block_size=self._block_size)
+        logits = logits.clone()
+        logits[..., self.mask_token_id] = -1e9  # the engine never predicts the mask (NoMaskPrediction)
+        return logits
 
 
 def run_engine(make_llm, path, options: dict, params: SamplingParams) -> list[tuple[list[int], int]]:
@@ -225,3 +244,38 @@ def test_block_diffusion_fused_store_same_tokens_fewer_forwards(
         assert tokens == list(expected)
         # No store forward per block, and the prefill rides on the first block's first forward.
         assert forwards == nfe - num_blocks - prefill
+
+
+@pytest.mark.parametrize("per_block_steps", [None, 2])
+@pytest.mark.parametrize("threshold", [0.3, 0.8])
+@pytest.mark.parametrize("block", [4, 8])
+def test_block_diffusion_fused_dynamic_equals_llada2_generate(
+    per_block_steps, threshold, block, tiny_paths, make_llm
+) -> None:
+    """block_diffusion + fuse_block_store + dynamic == LLaDA2-MoE ``generate`` (§5, greedy, no eos exits):
+    no store or prefill forwards. Diffulex's per-block steps (``steps // num_blocks``; B when steps is
+    None) are set equal to LLaDA2's per-block ``steps``; minimal_topk=1 and gen = 16 >= steps, so
+    LLaDA2's ``min(steps, gen // minimal_topk)`` does not bite."""
+    llm = make_llm(
+        tiny_paths["llada2_moe"],
+        page_size=8,
+        enable_prefix_caching=False,
+        strategy="block_diffusion",
+        block_size=block,
+        remasking="dynamic",
+        fuse_block_store=True,
+    )
+    steps = per_block_steps or block
+
+    def engine_steps(prompt: list[int]) -> int | None:
+        num_blocks = -(-(len(prompt) + 16) // block) - len(prompt) // block
+        return None if per_block_steps is None else per_block_steps * num_blocks
+
+    params = [
+        SamplingParams(max_tokens=16, threshold=threshold, steps=engine_steps(p), ignore_eos=True)
+        for p in PROMPTS
+    ]
+    got = [(o.token_ids, o.num_forwards) for o in llm.generate(PROMPTS, params)]
+    model = EngineBlockCausalLogits(llm, block)
+    expected = [loops.llada2_generate(model, p, 16, block, steps, threshold) for p in PROMPTS]
+    assert got == [(list(t), n) for t, n in expected]

@@ -422,6 +422,65 @@ def block_causal_mask_abs(length: int, block_size: int) -> torch.Tensor:
     return block_causal_mask(torch.arange(length) // block_size)
 
 
+# ------------------------------------------------------------------------------------ §5 LLaDA2-MoE
+
+
+@torch.no_grad()
+def llada2_generate(
+    model,
+    prompt: list[int],
+    gen_length: int,
+    block_length: int,
+    steps: int,
+    threshold: float,
+    minimal_topk: int = 1,
+) -> tuple[list[int], int]:
+    """LLaDA2-MoE ``generate`` (dllm d8cc1190, §5), greedy, rules 1-4.
+
+    Greedy = token argmax(logits), confidence = its softmax probability (float32) instead of the official
+    ``multinomial`` (Cross-cutting). ``model`` is anything with ``logits(ids, attn_mask)``; the Bool
+    block-causal mask stands for the official additive 0/-inf mask. The eos rules (§5.5-7) are NOT
+    modelled: the output is x[P : P+gen_length] (ignore_eos semantics).
+    """
+    mask_id = model.mask_token_id
+    P, B = len(prompt), block_length
+    # §5.1 steps = min(steps, gen // minimal_topk), per block; nb = ceil((P+gen)/B); Ltot = nb*B
+    steps = min(steps, gen_length // minimal_topk)
+    num_blocks = (P + gen_length + B - 1) // B
+    total = num_blocks * B
+    x = torch.full((total,), mask_id, dtype=torch.long)
+    x[:P] = _as_tensor(prompt)
+    full_mask = block_causal_mask_abs(total, B)
+    # §5.4 schedule sched(B, steps), from B
+    per_step = sched(B, steps)
+    nfe = 0
+    # §5.2 blocks floor(P/B) .. nb-1, no prefill, no cache
+    for k in range(P // B, num_blocks):
+        start, end = k * B, (k + 1) * B
+        # §5.3 for step in range(steps)
+        for step in range(steps):
+            mask_index = x[start:end] == mask_id
+            if int(mask_index.sum()) == 0:
+                break  # block done: no forward
+            # §5.2 window x[:(k+1)B] recomputed under the block-causal mask; the last B logits are used
+            logits = model.logits(x[:end], full_mask[:end, :end])[start:end]
+            nfe += 1
+            x0, x0_p = argmax_and_prob(logits, torch.float32)
+            confidence = torch.where(mask_index, x0_p, torch.tensor(float("-inf")))
+            # §5.4 n = sched[step]; H = {masks with conf > thr} (strict). |H| >= n: commit H (may exceed n,
+            # or be empty when n = 0); else topk(conf, min(n, #masks)) (tie rule: module docstring)
+            n = per_step[step]
+            transfer = torch.zeros(B, dtype=torch.bool)
+            high = (confidence > threshold) & mask_index
+            if int(high.sum()) >= n:
+                transfer = high
+            else:
+                transfer[topk_positions(confidence, min(n, int(mask_index.sum())))] = True
+            cur = x[start:end]
+            cur[transfer] = x0[transfer]
+    return x[P : P + gen_length].tolist(), nfe
+
+
 # ------------------------------------------------------------------------------------ D2F pipelined
 
 
