@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-FAMILIES = ("llada", "sdar", "dream", "sdar_moe", "llada2_moe")
+FAMILIES = ("llada", "sdar", "dream", "sdar_moe", "llada2_moe", "fast_dllm_v2")
 CHARACTERS = ["\t", "\n", *[chr(code) for code in range(32, 127)]]  # ids 0..96
 
 # Special tokens after the characters, as in the official tokenizers (names as there); the first is unk.
@@ -50,6 +50,9 @@ _CHAT_TEMPLATES["dream"] = _CHAT_TEMPLATES["sdar"]  # both use Qwen's <|im_start
 # SDAR-MoE ships SDAR's (Qwen3) tokenizer.
 _SPECIAL_TOKENS["sdar_moe"] = _SPECIAL_TOKENS["sdar"]
 _CHAT_TEMPLATES["sdar_moe"] = _CHAT_TEMPLATES["sdar"]
+# Fast-dLLM v2 ships Qwen2.5-Instruct's tokenizer with a mask token added (id 151665 there).
+_SPECIAL_TOKENS["fast_dllm_v2"] = _SPECIAL_TOKENS["dream"]
+_CHAT_TEMPLATES["fast_dllm_v2"] = _CHAT_TEMPLATES["sdar"]
 # LLaDA2.0 ships Ling's tokenizer: <|endoftext|> ends text, turns are <role>NAME</role>...<|role_end|>.
 _SPECIAL_TOKENS["llada2_moe"] = ["<|unk|>", "<|endoftext|>", "<role>", "</role>", "<|role_end|>", "<|mask|>"]
 _CHAT_TEMPLATES["llada2_moe"] = (
@@ -220,6 +223,17 @@ def _dream_config(ids: dict[str, int]) -> dict[str, Any]:
         "use_sliding_window": False,
         "vocab_size": 256,
         "torch_dtype": "float32",
+    }
+
+
+def _fast_dllm_v2_config(ids: dict[str, int]) -> dict[str, Any]:
+    # Field names of Fast_dLLM_QwenConfig (a Qwen2 config plus bd_size); Qwen2.5-Instruct's eos/pad roles.
+    return _dream_config(ids) | {
+        "architectures": ["Fast_dLLM_QwenForCausalLM"],
+        "model_type": "Fast_dLLM_Qwen",
+        "eos_token_id": ids["<|im_end|>"],
+        "bd_size": 8,
+        "max_window_layers": 2,
     }
 
 
@@ -398,6 +412,7 @@ _CONFIGS = {
     "dream": _dream_config,
     "sdar_moe": _sdar_moe_config,
     "llada2_moe": _llada2_moe_config,
+    "fast_dllm_v2": _fast_dllm_v2_config,
 }
 _TENSOR_SHAPES = {
     "llada": _llada_tensor_shapes,
@@ -405,6 +420,7 @@ _TENSOR_SHAPES = {
     "dream": _dream_tensor_shapes,
     "sdar_moe": _sdar_moe_tensor_shapes,
     "llada2_moe": _llada2_moe_tensor_shapes,
+    "fast_dllm_v2": _dream_tensor_shapes,  # the same Qwen2.5 tensors
 }
 
 
@@ -461,6 +477,7 @@ def _write_tokenizer(family: str, vocab_size: int, ids: dict[str, int], out_dir:
         "dream": {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
         "sdar_moe": {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
         "llada2_moe": {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+        "fast_dllm_v2": {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
     }[family]
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -472,6 +489,7 @@ def _write_tokenizer(family: str, vocab_size: int, ids: dict[str, int], out_dir:
             "dream": "<|mask|>",
             "sdar_moe": "<|MASK|>",
             "llada2_moe": "<|mask|>",
+            "fast_dllm_v2": "<|mask|>",
         }[family],
         "model_max_length": 1 << 20,
         "clean_up_tokenization_spaces": False,

@@ -1,0 +1,60 @@
+"""Fast-dLLM v2 (Efficient-Large-Model/Fast_dLLM_v2_7B; NVlabs/Fast-dLLM ``v2/``): block diffusion on Qwen2.5.
+
+The checkpoint ships ``configuration.py`` / ``modeling.py`` as remote code: ``model_type``
+"Fast_dLLM_Qwen", architectures ``Fast_dLLM_QwenForCausalLM`` (config class ``Fast_dLLM_QwenConfig``, a
+Qwen2 config plus ``bd_size``, the diffusion block size, default 32). The tensors are Qwen2.5's, exactly as
+Dream's: ``model.embed_tokens``, ``model.layers.{i}.self_attn.{q,k,v,o}_proj`` (q/k/v with bias, o without),
+``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``, ``model.norm``,
+``lm_head``; so the modules are Dream's. What differs is the computation around them: at inference the
+attention is block-causal (``eval_block_diff_mask``: query block >= key block, blocks of ``bd_size`` counted
+from position 0), and the logits are token-shifted (position i is predicted from hidden i-1; the next
+block's first token comes from the last hidden of the previous one). The mask token is 151665 (the
+``generate`` default; some copies of the config also carry ``mask_token_id``). The official decoding loop
+(blocks split into sub-blocks of 8 with a sub-block cache) is not reproduced; the family default is
+``block_diffusion`` over ``bd_size`` blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffulex.models.dream import DreamModel, _head_dim
+from diffulex.models.registry import ModelSpec, merge_token_ids, register_model, token_ids
+
+FAST_DLLM_V2_MASK_TOKEN_ID = 151665
+FAST_DLLM_V2_DEFAULT_BLOCK_SIZE = 32  # Fast_dLLM_QwenConfig's bd_size default
+_IM_END_ID = 151645  # <|im_end|>: the Qwen2.5-Instruct eos, and ``generate``'s stop token
+_ENDOFTEXT_ID = 151643  # <|endoftext|>: pad
+
+
+@register_model("Fast_dLLM_Qwen", "Fast_dLLM_QwenForCausalLM")
+class FastDLLMV2Model(DreamModel):
+    """Dream's Qwen2.5 modules and weight contract, with Fast-dLLM v2's block-causal, shifted spec."""
+
+    family = "fast_dllm_v2"
+
+    @classmethod
+    def spec_from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
+        """Fast-dLLM v2's engine-facing facts from its HF config (Qwen2.5-Instruct's ids where absent)."""
+        generation = cfg.get("generation_config", {})
+        eos_ids = token_ids(cfg.get("eos_token_id")) or (_IM_END_ID,)
+        mask_id = cfg.get("mask_token_id")
+        pad_id = cfg.get("pad_token_id", generation.get("pad_token_id"))
+        return ModelSpec(
+            family=cls.family,
+            hidden_size=int(cfg["hidden_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=int(cfg["num_attention_heads"]),
+            num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+            head_dim=_head_dim(cfg),
+            vocab_size=int(cfg.get("vocab_size", 151936)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+            mask_token_id=int(mask_id) if mask_id is not None else FAST_DLLM_V2_MASK_TOKEN_ID,
+            eos_token_ids=merge_token_ids(eos_ids, token_ids(generation.get("eos_token_id"))),
+            pad_token_id=int(pad_id) if pad_id is not None else _ENDOFTEXT_ID,
+            shift_logits=True,
+            native_attention="block_causal",
+            default_strategy="block_diffusion",
+            default_block_size=int(cfg.get("bd_size") or FAST_DLLM_V2_DEFAULT_BLOCK_SIZE),
+            vanilla_schedule="dream",
+        )
