@@ -51,3 +51,27 @@ def test_gpu_dream_shifted_logits_match_cpu(tiny_paths, make_llm) -> None:
     cpu = make_llm(tiny_paths["dream"]).generate(prompts, params)
     gpu = make_llm(tiny_paths["dream"], device="cuda", dtype="float32").generate(prompts, params)
     assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["sdar_moe", "fast_dllm_v2"])
+def test_gpu_other_families_match_cpu(family, tmp_path, make_llm, tiny_paths) -> None:
+    from diffulex.models.tiny_checkpoint import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(family, tmp_path / family, seed=5)
+    prompts = [[17, 5, 42], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    cpu = make_llm(path).generate(prompts, params)
+    gpu = make_llm(path, device="cuda", dtype="float32").generate(prompts, params)
+    assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_llada2_moe_matches_cpu(tiny_paths, make_llm) -> None:
+    prompts = [[17, 5, 42], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    cpu = make_llm(tiny_paths["llada2_moe"], block_size=8).generate(prompts, params)
+    gpu = make_llm(tiny_paths["llada2_moe"], block_size=8, device="cuda", dtype="float32").generate(
+        prompts, params
+    )
+    assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
