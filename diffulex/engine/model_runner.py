@@ -75,6 +75,9 @@ class ModelRunner:
         """Capture the denoise step for every query size and bucket of running-request counts."""
         if self.device.type != "cuda" or self.config.enforce_eager or not self.use_triton:
             return
+        if any(getattr(module, "cuda_graph_safe", True) is False for module in self.model.modules()):
+            logger.info("the model has layers that cannot be captured (host-side MoE routing): eager steps")
+            return
         pool = None
         self.graph_sets = []
         for tokens_per_seq in sorted(sizes, reverse=True):  # largest first: later ones reuse its pool

@@ -37,6 +37,10 @@ class ExpertMLP(nn.Module):
 class SparseMoeBlock(nn.Module):
     """Top-k routed experts: ``gate`` (the router) and ``experts.{e}``, as in the official checkpoints."""
 
+    # Grouping tokens by expert reads each expert's token count on the host: not capturable in a CUDA
+    # graph (the fused MoE kernel of the GPU issue will be). The runner checks this flag.
+    cuda_graph_safe = False
+
     def __init__(
         self,
         hidden_size: int,
@@ -136,6 +140,10 @@ class GroupedSigmoidMoeBlock(nn.Module):
     ``num_shared_experts``, ``shared_experts`` (one SwiGLU ``moe_intermediate_size * num_shared_experts``
     wide, applied to every token and added). Grouped by expert and batch-invariant like ``SparseMoeBlock``;
     the routed sum is accumulated in fp32 (as the official ``moe_infer``) before the cast back."""
+
+    # Grouping tokens by expert reads each expert's token count on the host: not capturable in a CUDA
+    # graph (the fused MoE kernel of the GPU issue will be). The runner checks this flag.
+    cuda_graph_safe = False
 
     def __init__(
         self,
