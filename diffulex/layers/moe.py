@@ -16,22 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffulex.layers.activation import silu_and_mul
-from diffulex.layers.linear import Linear, MergedLinear, batch_invariant_linear
+from diffulex.layers.linear import Linear, batch_invariant_linear
+from diffulex.layers.qwen_blocks import SwiGLUMLP
 
-
-class ExpertMLP(nn.Module):
-    """One expert: ``down(silu(gate(x)) * up(x))``, gate and up merged (official names kept as shards)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_up_proj = MergedLinear(
-            hidden_size, [("gate_proj", intermediate_size), ("up_proj", intermediate_size)]
-        )
-        self.down_proj = Linear(intermediate_size, hidden_size)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(*self.gate_up_proj(hidden)))
+ExpertMLP = SwiGLUMLP  # one expert: the official gate/up/down names, gate and up merged
 
 
 class SparseMoeBlock(nn.Module):

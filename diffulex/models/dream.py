@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffulex.layers.activation import silu_and_mul
-from diffulex.layers.attention import Attention
-from diffulex.layers.linear import Linear, MergedLinear, UnmergedView, batch_invariant_linear
+from diffulex.layers.linear import Linear, UnmergedView, batch_invariant_linear
 from diffulex.layers.norm import RMSNorm
+from diffulex.layers.qwen_blocks import PreNormDecoderLayer, QwenAttention, SwiGLUMLP, run_decoder_stack
 from diffulex.layers.rotary import RotaryEmbedding
 from diffulex.models.registry import (
     ModelSpec,
@@ -62,75 +61,6 @@ def _check_supported(cfg: dict[str, Any]) -> None:
         raise ValueError("Dream needs hidden_size divisible by num_attention_heads")
 
 
-class DreamAttention(nn.Module):
-    """Bidirectional self-attention with biased q/k/v (Qwen2), GQA through the paged attention."""
-
-    def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding):
-        super().__init__()
-        hidden_size = int(cfg["hidden_size"])
-        self.num_heads = int(cfg["num_attention_heads"])
-        self.num_kv_heads = int(cfg.get("num_key_value_heads") or self.num_heads)
-        self.head_dim = _head_dim(cfg)
-        kv_dim = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(
-            hidden_size,
-            [("q_proj", self.num_heads * self.head_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)],
-            True,  # the official module builds q/k/v with bias=True whatever the config says
-        )
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden_size)
-        self.rotary_emb = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        query, key, value = self.qkv_proj(hidden)  # column views of one [T, q + 2 kv] result
-        query = query.view(num_tokens, self.num_heads, self.head_dim)
-        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
-        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        query, key = self.rotary_emb(positions, query, key)
-        attended = self.attn(query, key, value).reshape(num_tokens, self.num_heads * self.head_dim)
-        return self.o_proj(attended)
-
-
-class DreamMLP(nn.Module):
-    """SwiGLU MLP ``down(silu(gate(x)) * up(x))``; gate and up as one merged projection."""
-
-    def __init__(self, cfg: dict[str, Any]):
-        super().__init__()
-        hidden_size, intermediate = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
-        self.gate_up_proj = MergedLinear(
-            hidden_size, [("gate_proj", intermediate), ("up_proj", intermediate)]
-        )
-        self.down_proj = Linear(intermediate, hidden_size)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(*self.gate_up_proj(hidden)))
-
-
-class DreamDecoderLayer(nn.Module):
-    """Pre-norm layer: attention and MLP, each added to the residual stream (addition fused into the norm)."""
-
-    def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding):
-        super().__init__()
-        hidden_size = int(cfg["hidden_size"])
-        eps = float(cfg.get("rms_norm_eps", _DEFAULT_RMS_EPS))
-        self.self_attn = DreamAttention(cfg, rotary)
-        self.mlp = DreamMLP(cfg)
-        self.input_layernorm = RMSNorm(hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mlp_out, residual)``; the layer's output is their sum, left to the next norm to add."""
-        if residual is None:
-            residual, normed = hidden, self.input_layernorm(hidden)
-        else:
-            normed, residual = self.input_layernorm(hidden, residual)
-        normed, residual = self.post_attention_layernorm(self.self_attn(positions, normed), residual)
-        return self.mlp(normed), residual
-
-
 class DreamBaseModel(nn.Module):
     """Embedding, decoder layers and final norm (the official ``DreamBaseModel``, stored as ``model``)."""
 
@@ -142,19 +72,23 @@ class DreamBaseModel(nn.Module):
         )
         head_dim = _head_dim(cfg)
         rotary = RotaryEmbedding(head_dim, head_dim, float(cfg.get("rope_theta", _DEFAULT_ROPE_THETA)))
+        eps = float(cfg.get("rms_norm_eps", _DEFAULT_RMS_EPS))
+        num_heads = int(cfg["num_attention_heads"])
+        num_kv_heads = int(cfg.get("num_key_value_heads") or num_heads)
+        # Qwen2 attention: the official module builds q/k/v with bias=True whatever the config says, o without.
         self.layers = nn.ModuleList(
-            DreamDecoderLayer(cfg, rotary) for _ in range(int(cfg["num_hidden_layers"]))
+            PreNormDecoderLayer(
+                QwenAttention(hidden_size, num_heads, num_kv_heads, head_dim, rotary, qkv_bias=True),
+                SwiGLUMLP(hidden_size, int(cfg["intermediate_size"])),
+                hidden_size,
+                eps,
+            )
+            for _ in range(int(cfg["num_hidden_layers"]))
         )
-        self.norm = RMSNorm(hidden_size, float(cfg.get("rms_norm_eps", _DEFAULT_RMS_EPS)))
+        self.norm = RMSNorm(hidden_size, eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        if residual is None:
-            return self.norm(hidden)
-        return self.norm(hidden, residual)[0]
+        return run_decoder_stack(self.layers, self.norm, self.embed_tokens(input_ids), positions)
 
 
 @register_model("Dream", "DreamModel")

@@ -23,8 +23,9 @@ from torch import nn
 
 from diffulex.layers.attention import Attention
 from diffulex.layers.linear import Linear
-from diffulex.layers.moe import ExpertMLP, GroupedSigmoidMoeBlock
+from diffulex.layers.moe import GroupedSigmoidMoeBlock
 from diffulex.layers.norm import RMSNorm
+from diffulex.layers.qwen_blocks import PreNormDecoderLayer, SwiGLUMLP, run_decoder_stack
 from diffulex.layers.rotary import RotaryEmbedding
 from diffulex.models.registry import ModelSpec, merge_token_ids, register_model, token_ids
 from diffulex.models.sdar import SDARForCausalLM
@@ -95,40 +96,21 @@ class LLaDA2Attention(nn.Module):
         return self.dense(attended.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
-class LLaDA2DecoderLayer(nn.Module):
-    """Pre-norm layer: attention, then a dense SwiGLU (first layers) or the grouped sigmoid MoE."""
-
-    def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding, layer_index: int):
-        super().__init__()
-        hidden_size, eps = int(cfg["hidden_size"]), float(cfg.get("rms_norm_eps", 1e-6))
-        self.attention = LLaDA2Attention(cfg, rotary)
-        self.mlp: nn.Module
-        if is_moe_layer(cfg, layer_index):
-            self.mlp = GroupedSigmoidMoeBlock(
-                hidden_size,
-                int(cfg["moe_intermediate_size"]),
-                int(cfg["num_experts"]),
-                int(cfg["num_experts_per_tok"]),
-                int(cfg.get("n_group") or 1),
-                int(cfg.get("topk_group") or 1),
-                float(cfg.get("routed_scaling_factor", 1.0)),
-                int(cfg.get("num_shared_experts") or 0),
-            )
-        else:
-            self.mlp = ExpertMLP(hidden_size, int(cfg["intermediate_size"]))  # same gate/up/down names
-        self.input_layernorm = RMSNorm(hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mlp_out, residual)``, the residual addition left to the next norm."""
-        if residual is None:
-            residual, normed = hidden, self.input_layernorm(hidden)
-        else:
-            normed, residual = self.input_layernorm(hidden, residual)
-        normed, residual = self.post_attention_layernorm(self.attention(positions, normed), residual)
-        return self.mlp(normed), residual
+def llada2_mlp(cfg: dict[str, Any], layer_index: int) -> nn.Module:
+    """A dense SwiGLU (first layers) or the grouped sigmoid MoE (the official gate/up/down names either way)."""
+    hidden_size = int(cfg["hidden_size"])
+    if is_moe_layer(cfg, layer_index):
+        return GroupedSigmoidMoeBlock(
+            hidden_size,
+            int(cfg["moe_intermediate_size"]),
+            int(cfg["num_experts"]),
+            int(cfg["num_experts_per_tok"]),
+            int(cfg.get("n_group") or 1),
+            int(cfg.get("topk_group") or 1),
+            float(cfg.get("routed_scaling_factor", 1.0)),
+            int(cfg.get("num_shared_experts") or 0),
+        )
+    return SwiGLUMLP(hidden_size, int(cfg["intermediate_size"]))
 
 
 class LLaDA2Model(nn.Module):
@@ -141,19 +123,17 @@ class LLaDA2Model(nn.Module):
             vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size)
         )
         rotary = RotaryEmbedding(_head_dim(cfg), _rotary_dim(cfg), float(cfg.get("rope_theta", 600000.0)))
+        eps = float(cfg.get("rms_norm_eps", 1e-6))
         self.layers = nn.ModuleList(
-            LLaDA2DecoderLayer(cfg, rotary, index) for index in range(int(cfg["num_hidden_layers"]))
+            PreNormDecoderLayer(
+                LLaDA2Attention(cfg, rotary), llada2_mlp(cfg, index), hidden_size, eps, attn_name="attention"
+            )
+            for index in range(int(cfg["num_hidden_layers"]))
         )
-        self.norm = RMSNorm(hidden_size, float(cfg.get("rms_norm_eps", 1e-6)))
+        self.norm = RMSNorm(hidden_size, eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.word_embeddings(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        if residual is None:
-            return self.norm(hidden)
-        return self.norm(hidden, residual)[0]
+        return run_decoder_stack(self.layers, self.norm, self.word_embeddings(input_ids), positions)
 
 
 @register_model("llada2_moe", "LLaDA2MoeModelLM")

@@ -20,10 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffulex.layers.activation import silu_and_mul
-from diffulex.layers.attention import Attention
-from diffulex.layers.linear import Linear, MergedLinear, UnmergedView, batch_invariant_linear
+from diffulex.layers.linear import Linear, UnmergedView, batch_invariant_linear
 from diffulex.layers.norm import RMSNorm
+from diffulex.layers.qwen_blocks import PreNormDecoderLayer, QwenAttention, SwiGLUMLP, run_decoder_stack
 from diffulex.layers.rotary import RotaryEmbedding
 from diffulex.models.registry import (
     ModelSpec,
@@ -57,78 +56,21 @@ def _check_supported(cfg: dict[str, Any]) -> None:
         raise NotImplementedError("SDAR config use_sliding_window=true is not supported")
 
 
-class SDARAttention(nn.Module):
-    """Self-attention with per-head q/k RMSNorm before RoPE (Qwen3), GQA through the paged attention."""
-
-    def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding):
-        super().__init__()
-        hidden_size = int(cfg["hidden_size"])
-        self.num_heads = int(cfg["num_attention_heads"])
-        self.num_kv_heads = int(cfg.get("num_key_value_heads") or self.num_heads)
-        self.head_dim = _head_dim(cfg)
-        bias = bool(cfg.get("attention_bias", False))
-        eps = float(cfg.get("rms_norm_eps", 1e-6))
-        # head_dim * num_heads need not equal hidden_size (SDAR-4B: 32 x 128 = 4096 vs 2560).
-        kv_dim = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(
-            hidden_size,
-            [("q_proj", self.num_heads * self.head_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)],
-            bias,
-        )
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden_size, bias)
-        self.q_norm = RMSNorm(self.head_dim, eps)  # over each head's channels, not the whole projection
-        self.k_norm = RMSNorm(self.head_dim, eps)
-        self.rotary_emb = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        query, key, value = self.qkv_proj(hidden)  # column views of one [T, q + 2 kv] result
-        query = self.q_norm(query.view(num_tokens, self.num_heads, self.head_dim))
-        key = self.k_norm(key.view(num_tokens, self.num_kv_heads, self.head_dim))
-        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        query, key = self.rotary_emb(positions, query, key)
-        attended = self.attn(query, key, value).reshape(num_tokens, self.num_heads * self.head_dim)
-        return self.o_proj(attended)
-
-
-class SDARMLP(nn.Module):
-    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``, gate and up as one merged projection."""
-
-    def __init__(self, cfg: dict[str, Any]):
-        super().__init__()
-        hidden_size, intermediate = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
-        self.gate_up_proj = MergedLinear(
-            hidden_size, [("gate_proj", intermediate), ("up_proj", intermediate)]
-        )
-        self.down_proj = Linear(intermediate, hidden_size)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(*self.gate_up_proj(hidden)))
-
-
-class SDARDecoderLayer(nn.Module):
-    """One pre-norm decoder layer: attention and MLP, each added to the residual stream."""
-
-    def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding):
-        super().__init__()
-        hidden_size, eps = int(cfg["hidden_size"]), float(cfg.get("rms_norm_eps", 1e-6))
-        self.self_attn = SDARAttention(cfg, rotary)
-        self.mlp = SDARMLP(cfg)
-        self.input_layernorm = RMSNorm(hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mlp_out, residual)``: the layer's output is ``residual + mlp_out``, whose addition is left to the
-        next norm (fused with it on the GPU). ``residual`` None: ``hidden`` is the residual stream itself."""
-        if residual is None:
-            residual, normed = hidden, self.input_layernorm(hidden)
-        else:
-            normed, residual = self.input_layernorm(hidden, residual)
-        normed, residual = self.post_attention_layernorm(self.self_attn(positions, normed), residual)
-        return self.mlp(normed), residual
+def sdar_attention(cfg: dict[str, Any], rotary: RotaryEmbedding) -> QwenAttention:
+    """Qwen3 attention: per-head q/k RMSNorm before RoPE, q/k/v/o biased with ``attention_bias``."""
+    num_heads = int(cfg["num_attention_heads"])
+    bias = bool(cfg.get("attention_bias", False))
+    return QwenAttention(
+        int(cfg["hidden_size"]),
+        num_heads,
+        int(cfg.get("num_key_value_heads") or num_heads),
+        _head_dim(cfg),
+        rotary,
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm=True,
+        eps=float(cfg.get("rms_norm_eps", 1e-6)),
+    )
 
 
 class SDARModel(nn.Module):
@@ -143,19 +85,20 @@ class SDARModel(nn.Module):
         )
         head_dim = _head_dim(cfg)
         rotary = RotaryEmbedding(head_dim, head_dim, float(cfg.get("rope_theta", 1_000_000.0)))
+        eps = float(cfg.get("rms_norm_eps", 1e-6))
         self.layers = nn.ModuleList(
-            SDARDecoderLayer(cfg, rotary) for _ in range(int(cfg["num_hidden_layers"]))
+            PreNormDecoderLayer(sdar_attention(cfg, rotary), self.build_mlp(cfg, index), hidden_size, eps)
+            for index in range(int(cfg["num_hidden_layers"]))
         )
-        self.norm = RMSNorm(hidden_size, float(cfg.get("rms_norm_eps", 1e-6)))
+        self.norm = RMSNorm(hidden_size, eps)
+
+    @staticmethod
+    def build_mlp(cfg: dict[str, Any], layer_index: int) -> nn.Module:
+        """The MLP of decoder layer ``layer_index``: SDAR's dense SwiGLU (SDAR-MoE overrides it)."""
+        return SwiGLUMLP(int(cfg["hidden_size"]), int(cfg["intermediate_size"]))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        if residual is None:
-            return self.norm(hidden)
-        return self.norm(hidden, residual)[0]
+        return run_decoder_stack(self.layers, self.norm, self.embed_tokens(input_ids), positions)
 
 
 @register_model("sdar", "SDARForCausalLM")

@@ -15,21 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from diffulex.layers.linear import Linear
 from diffulex.layers.moe import SparseMoeBlock
-from diffulex.layers.norm import RMSNorm
-from diffulex.layers.rotary import RotaryEmbedding
 from diffulex.models.registry import register_model
-from diffulex.models.sdar import (
-    SDARMLP,
-    SDARAttention,
-    SDARForCausalLM,
-    _check_supported,
-    _head_dim,
-)
+from diffulex.models.sdar import SDARForCausalLM, SDARModel, _check_supported
 
 
 def is_moe_layer(cfg: dict[str, Any], layer_index: int) -> bool:
@@ -40,63 +31,20 @@ def is_moe_layer(cfg: dict[str, Any], layer_index: int) -> bool:
     return num_experts > 0 and layer_index not in mlp_only and (layer_index + 1) % step == 0
 
 
-class SDARMoeDecoderLayer(nn.Module):
-    """Pre-norm decoder layer: SDAR attention, then routed experts or a dense MLP."""
+class SDARMoeModel(SDARModel):
+    """SDAR's embedding, decoder layers and final norm, the MLP routed experts or dense per the config."""
 
-    def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding, layer_index: int):
-        super().__init__()
-        hidden_size, eps = int(cfg["hidden_size"]), float(cfg.get("rms_norm_eps", 1e-6))
-        self.self_attn = SDARAttention(cfg, rotary)
-        self.mlp: nn.Module
+    @staticmethod
+    def build_mlp(cfg: dict[str, Any], layer_index: int) -> nn.Module:
         if is_moe_layer(cfg, layer_index):
-            self.mlp = SparseMoeBlock(
-                hidden_size,
+            return SparseMoeBlock(
+                int(cfg["hidden_size"]),
                 int(cfg["moe_intermediate_size"]),
                 int(cfg["num_experts"]),
                 int(cfg["num_experts_per_tok"]),
                 bool(cfg.get("norm_topk_prob", True)),
             )
-        else:
-            self.mlp = SDARMLP(cfg)
-        self.input_layernorm = RMSNorm(hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mlp_out, residual)``, the residual addition left to the next norm (as in SDAR)."""
-        if residual is None:
-            residual, normed = hidden, self.input_layernorm(hidden)
-        else:
-            normed, residual = self.input_layernorm(hidden, residual)
-        normed, residual = self.post_attention_layernorm(self.self_attn(positions, normed), residual)
-        return self.mlp(normed), residual
-
-
-class SDARMoeModel(nn.Module):
-    """Embedding, decoder layers (dense or sparse per the config) and final norm."""
-
-    def __init__(self, cfg: dict[str, Any]):
-        super().__init__()
-        hidden_size, vocab_size = int(cfg["hidden_size"]), int(cfg["vocab_size"])
-        self.embed_tokens = nn.Embedding(
-            vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size)
-        )
-        head_dim = _head_dim(cfg)
-        rotary = RotaryEmbedding(head_dim, head_dim, float(cfg.get("rope_theta", 1_000_000.0)))
-        self.layers = nn.ModuleList(
-            SDARMoeDecoderLayer(cfg, rotary, index) for index in range(int(cfg["num_hidden_layers"]))
-        )
-        self.norm = RMSNorm(hidden_size, float(cfg.get("rms_norm_eps", 1e-6)))
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        if residual is None:
-            return self.norm(hidden)
-        return self.norm(hidden, residual)[0]
+        return SDARModel.build_mlp(cfg, layer_index)
 
 
 @register_model("sdar_moe", "SDARMoeForCausalLM")
