@@ -15,19 +15,17 @@ the hidden state at i-1 (the engine applies that through ``ModelSpec.shift_logit
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffulex.layers.linear import Linear, UnmergedView, batch_invariant_linear
 from diffulex.layers.norm import RMSNorm
 from diffulex.layers.qwen_blocks import PreNormDecoderLayer, QwenAttention, SwiGLUMLP, run_decoder_stack
 from diffulex.layers.rotary import RotaryEmbedding
+from diffulex.models.qwen_lm import QwenStyleLM
 from diffulex.models.registry import (
     ModelSpec,
-    load_mapped_weights,
     merge_token_ids,
     register_model,
     token_ids,
@@ -92,19 +90,17 @@ class DreamBaseModel(nn.Module):
 
 
 @register_model("Dream", "DreamModel")
-class DreamModel(nn.Module):
+class DreamModel(QwenStyleLM):
     """The Dream LM: ``forward`` gives hidden states of the packed step, ``compute_logits`` the (unshifted)
     logits of the rows it is given; the engine picks row j-1 for position j (``spec.shift_logits``)."""
 
     family = "dream"
 
-    def __init__(self, hf_config: dict[str, Any]):
-        super().__init__()
+    def check_config(self, hf_config: dict[str, Any]) -> None:
         _check_supported(hf_config)
-        self.spec = self.spec_from_config(hf_config)
-        self.model = DreamBaseModel(hf_config)
-        self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size)
-        self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
+
+    def build_model(self, hf_config: dict[str, Any]) -> nn.Module:
+        return DreamBaseModel(hf_config)
 
     @classmethod
     def spec_from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
@@ -137,30 +133,3 @@ class DreamModel(nn.Module):
             default_block_size=int(cfg.get("block_size") or DREAM_DEFAULT_BLOCK_SIZE),
             vanilla_schedule="dream",
         )
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``input_ids [T]``, ``positions [T]`` (packed tokens of the step) -> final hidden ``[T, hidden]``."""
-        return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden [N, hidden]`` -> logits ``[N, vocab_size]`` in the model dtype (no shift here)."""
-        return batch_invariant_linear(hidden, self.lm_head.weight)
-
-    def tie_weights(self) -> None:
-        """Share the embedding matrix with the LM head (``tie_word_embeddings``)."""
-        self.lm_head.weight = self.model.embed_tokens.weight
-
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy the official tensors in (same names, merged projections by slice); raises ``WeightLoadError``."""
-        tied = self.tie_word_embeddings
-        load_mapped_weights(
-            UnmergedView(self, self.official_name),
-            named_tensors,
-            lambda name: name,
-            ignored=lambda name: tied and name == "lm_head.weight",
-        )
-
-    @staticmethod
-    def official_name(local_name: str) -> str:
-        """Our parameter name -> the official checkpoint name (identical for Dream)."""
-        return local_name

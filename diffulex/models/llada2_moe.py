@@ -27,8 +27,8 @@ from diffulex.layers.moe import GroupedSigmoidMoeBlock
 from diffulex.layers.norm import RMSNorm
 from diffulex.layers.qwen_blocks import PreNormDecoderLayer, SwiGLUMLP, run_decoder_stack
 from diffulex.layers.rotary import RotaryEmbedding
+from diffulex.models.qwen_lm import QwenStyleLM
 from diffulex.models.registry import ModelSpec, merge_token_ids, register_model, token_ids
-from diffulex.models.sdar import SDARForCausalLM
 
 LLADA2_MASK_TOKEN_ID = 156895  # <|mask|>
 LLADA2_EOS_TOKEN_ID = 156892  # <|endoftext|>: eos and pad
@@ -137,22 +137,20 @@ class LLaDA2Model(nn.Module):
 
 
 @register_model("llada2_moe", "LLaDA2MoeModelLM")
-class LLaDA2MoeForCausalLM(SDARForCausalLM):
+class LLaDA2MoeForCausalLM(QwenStyleLM):
     """The LLaDA2.0 MoE language model; official names kept module for module (identity name map)."""
 
     family = "llada2_moe"
 
-    def __init__(self, hf_config: dict[str, Any]):
-        nn.Module.__init__(self)  # SDARForCausalLM.__init__ would build SDAR's model
+    def check_config(self, hf_config: dict[str, Any]) -> None:
         _check_supported(hf_config)
         if hf_config.get("num_experts"):
             for field in ("moe_intermediate_size", "num_experts_per_tok"):
                 if field not in hf_config:
                     raise ValueError(f"LLaDA2 config has num_experts but no {field}")
-        self.spec = self.spec_from_config(hf_config)
-        self.model = LLaDA2Model(hf_config)
-        self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size)
-        self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
+
+    def build_model(self, hf_config: dict[str, Any]) -> nn.Module:
+        return LLaDA2Model(hf_config)
 
     @classmethod
     def spec_from_config(cls, cfg: dict[str, Any]) -> ModelSpec:

@@ -14,19 +14,17 @@ which override the family defaults below).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffulex.layers.linear import Linear, UnmergedView, batch_invariant_linear
 from diffulex.layers.norm import RMSNorm
 from diffulex.layers.qwen_blocks import PreNormDecoderLayer, QwenAttention, SwiGLUMLP, run_decoder_stack
 from diffulex.layers.rotary import RotaryEmbedding
+from diffulex.models.qwen_lm import QwenStyleLM
 from diffulex.models.registry import (
     ModelSpec,
-    load_mapped_weights,
     merge_token_ids,
     register_model,
     token_ids,
@@ -102,7 +100,7 @@ class SDARModel(nn.Module):
 
 
 @register_model("sdar", "SDARForCausalLM")
-class SDARForCausalLM(nn.Module):
+class SDARForCausalLM(QwenStyleLM):
     """The SDAR language model: ``forward`` gives hidden states of the packed step, ``compute_logits`` logits.
 
     Owns the model and its LM head (tied to the embedding when ``tie_word_embeddings``; the loader calls
@@ -111,13 +109,11 @@ class SDARForCausalLM(nn.Module):
 
     family = "sdar"
 
-    def __init__(self, hf_config: dict[str, Any]):
-        super().__init__()
+    def check_config(self, hf_config: dict[str, Any]) -> None:
         _check_supported(hf_config)
-        self.spec = self.spec_from_config(hf_config)
-        self.model = SDARModel(hf_config)
-        self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size)
-        self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
+
+    def build_model(self, hf_config: dict[str, Any]) -> nn.Module:
+        return SDARModel(hf_config)
 
     @classmethod
     def spec_from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
@@ -151,31 +147,3 @@ class SDARForCausalLM(nn.Module):
             default_block_size=int(cfg.get("block_size") or SDAR_DEFAULT_BLOCK_SIZE),
             vanilla_schedule="llada",  # unshifted, one-block-at-a-time schedule if run with `vanilla`
         )
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``input_ids [T]``, ``positions [T]`` (packed tokens of the step) -> final hidden ``[T, hidden]``."""
-        return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden [N, hidden]`` -> logits ``[N, vocab_size]`` in the model dtype."""
-        return batch_invariant_linear(hidden, self.lm_head.weight)
-
-    def tie_weights(self) -> None:
-        """Share the embedding matrix with the LM head (``tie_word_embeddings``)."""
-        self.lm_head.weight = self.model.embed_tokens.weight
-
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy the official tensors in (same names, merged projections by slice); raises ``WeightLoadError`` listing any mismatch."""
-        tied = self.tie_word_embeddings
-        load_mapped_weights(
-            UnmergedView(self, self.official_name),  # merged projections under their official names
-            named_tensors,
-            lambda name: name,
-            # A tied checkpoint may still carry the head: the embedding is authoritative, as in HF.
-            ignored=lambda name: tied and name == "lm_head.weight",
-        )
-
-    @staticmethod
-    def official_name(local_name: str) -> str:
-        """Our parameter name -> the official checkpoint name (identical for SDAR)."""
-        return local_name

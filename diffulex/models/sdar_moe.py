@@ -17,7 +17,6 @@ from typing import Any
 
 from torch import nn
 
-from diffulex.layers.linear import Linear
 from diffulex.layers.moe import SparseMoeBlock
 from diffulex.models.registry import register_model
 from diffulex.models.sdar import SDARForCausalLM, SDARModel, _check_supported
@@ -57,14 +56,12 @@ class SDARMoeForCausalLM(SDARForCausalLM):
 
     family = "sdar_moe"
 
-    def __init__(self, hf_config: dict[str, Any]):
-        nn.Module.__init__(self)  # SDARForCausalLM.__init__ would build the dense model
+    def check_config(self, hf_config: dict[str, Any]) -> None:
         _check_supported(hf_config)
         if int(hf_config.get("num_experts") or 0) > 0:
             for field in ("moe_intermediate_size", "num_experts_per_tok"):
                 if field not in hf_config:
                     raise ValueError(f"SDAR-MoE config has num_experts but no {field}")
-        self.spec = self.spec_from_config(hf_config)
-        self.model = SDARMoeModel(hf_config)
-        self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size)
-        self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
+
+    def build_model(self, hf_config: dict[str, Any]) -> nn.Module:
+        return SDARMoeModel(hf_config)
