@@ -23,12 +23,10 @@ from torch import nn
 from diffulex.layers.norm import RMSNorm
 from diffulex.layers.qwen_blocks import PreNormDecoderLayer, QwenAttention, SwiGLUMLP, run_decoder_stack
 from diffulex.layers.rotary import RotaryEmbedding
-from diffulex.models.qwen_lm import QwenStyleLM
+from diffulex.models.qwen_lm import QwenStyleLM, qwen_spec
 from diffulex.models.registry import (
     ModelSpec,
-    merge_token_ids,
     register_model,
-    token_ids,
 )
 
 # Defaults of the official DreamConfig, used when a config.json leaves the field out.
@@ -105,31 +103,18 @@ class DreamModel(QwenStyleLM):
     @classmethod
     def spec_from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
         """Dream's engine-facing facts from its HF config (DreamConfig's defaults where it has none)."""
-        generation = cfg.get("generation_config", {})
-        eos_ids = token_ids(cfg.get("eos_token_id")) or (DREAM_ENDOFTEXT_ID,)
-        vocab_size = int(cfg.get("vocab_size", 151936))
-        official_im_end = (
-            (DREAM_IM_END_ID,) if DREAM_ENDOFTEXT_ID in eos_ids and vocab_size > DREAM_IM_END_ID else ()
-        )
-        mask_id = cfg.get("mask_token_id")
-        pad_id = cfg.get("pad_token_id", generation.get("pad_token_id"))
-        return ModelSpec(
-            family=cls.family,
-            hidden_size=int(cfg["hidden_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=int(cfg["num_attention_heads"]),
-            num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        return qwen_spec(
+            cls.family,
+            cfg,
             head_dim=_head_dim(cfg),
-            vocab_size=vocab_size,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-            mask_token_id=int(mask_id) if mask_id is not None else DREAM_MASK_TOKEN_ID,
-            eos_token_ids=merge_token_ids(
-                eos_ids, token_ids(generation.get("eos_token_id")), official_im_end
-            ),
-            pad_token_id=int(pad_id) if pad_id is not None else DREAM_ENDOFTEXT_ID,
+            vocab_size=int(cfg.get("vocab_size", 151936)),
+            mask_token_id=DREAM_MASK_TOKEN_ID,
+            eos_token_id=DREAM_ENDOFTEXT_ID,
+            pad_token_id=DREAM_ENDOFTEXT_ID,
             shift_logits=True,
             native_attention="bidirectional",
             default_strategy="vanilla",
             default_block_size=int(cfg.get("block_size") or DREAM_DEFAULT_BLOCK_SIZE),
             vanilla_schedule="dream",
+            im_end=(DREAM_ENDOFTEXT_ID, DREAM_IM_END_ID),
         )

@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from diffulex.models.dream import DreamModel, _head_dim
-from diffulex.models.registry import ModelSpec, merge_token_ids, register_model, token_ids
+from diffulex.models.qwen_lm import qwen_spec
+from diffulex.models.registry import ModelSpec, register_model
 
 FAST_DLLM_V2_MASK_TOKEN_ID = 151665
 FAST_DLLM_V2_DEFAULT_BLOCK_SIZE = 32  # Fast_dLLM_QwenConfig's bd_size default
@@ -36,22 +37,14 @@ class FastDLLMV2Model(DreamModel):
     @classmethod
     def spec_from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
         """Fast-dLLM v2's engine-facing facts from its HF config (Qwen2.5-Instruct's ids where absent)."""
-        generation = cfg.get("generation_config", {})
-        eos_ids = token_ids(cfg.get("eos_token_id")) or (_IM_END_ID,)
-        mask_id = cfg.get("mask_token_id")
-        pad_id = cfg.get("pad_token_id", generation.get("pad_token_id"))
-        return ModelSpec(
-            family=cls.family,
-            hidden_size=int(cfg["hidden_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=int(cfg["num_attention_heads"]),
-            num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        return qwen_spec(
+            cls.family,
+            cfg,
             head_dim=_head_dim(cfg),
             vocab_size=int(cfg.get("vocab_size", 151936)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-            mask_token_id=int(mask_id) if mask_id is not None else FAST_DLLM_V2_MASK_TOKEN_ID,
-            eos_token_ids=merge_token_ids(eos_ids, token_ids(generation.get("eos_token_id"))),
-            pad_token_id=int(pad_id) if pad_id is not None else _ENDOFTEXT_ID,
+            mask_token_id=FAST_DLLM_V2_MASK_TOKEN_ID,
+            eos_token_id=_IM_END_ID,
+            pad_token_id=_ENDOFTEXT_ID,
             shift_logits=True,
             native_attention="block_causal",
             default_strategy="block_diffusion",

@@ -27,8 +27,8 @@ from diffulex.layers.moe import GroupedSigmoidMoeBlock
 from diffulex.layers.norm import RMSNorm
 from diffulex.layers.qwen_blocks import PreNormDecoderLayer, SwiGLUMLP, run_decoder_stack
 from diffulex.layers.rotary import RotaryEmbedding
-from diffulex.models.qwen_lm import QwenStyleLM
-from diffulex.models.registry import ModelSpec, merge_token_ids, register_model, token_ids
+from diffulex.models.qwen_lm import QwenStyleLM, qwen_spec
+from diffulex.models.registry import ModelSpec, register_model
 
 LLADA2_MASK_TOKEN_ID = 156895  # <|mask|>
 LLADA2_EOS_TOKEN_ID = 156892  # <|endoftext|>: eos and pad
@@ -154,22 +154,14 @@ class LLaDA2MoeForCausalLM(QwenStyleLM):
 
     @classmethod
     def spec_from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
-        generation = cfg.get("generation_config", {})
-        eos_ids = token_ids(cfg.get("eos_token_id")) or (LLADA2_EOS_TOKEN_ID,)
-        mask_id = cfg.get("mask_token_id")
-        pad_id = cfg.get("pad_token_id", generation.get("pad_token_id"))
-        return ModelSpec(
-            family=cls.family,
-            hidden_size=int(cfg["hidden_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=int(cfg["num_attention_heads"]),
-            num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        return qwen_spec(
+            cls.family,
+            cfg,
             head_dim=_head_dim(cfg),
             vocab_size=int(cfg["vocab_size"]),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-            mask_token_id=int(mask_id) if mask_id is not None else LLADA2_MASK_TOKEN_ID,
-            eos_token_ids=merge_token_ids(eos_ids, token_ids(generation.get("eos_token_id"))),
-            pad_token_id=int(pad_id) if pad_id is not None else eos_ids[0],
+            mask_token_id=LLADA2_MASK_TOKEN_ID,
+            eos_token_id=LLADA2_EOS_TOKEN_ID,
+            pad_token_id=None,
             shift_logits=False,
             native_attention="block_causal",
             default_strategy="block_diffusion",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from diffulex.layers.linear import Linear, UnmergedView, batch_invariant_linear
-from diffulex.models.registry import ModelSpec, load_mapped_weights
+from diffulex.models.registry import ModelSpec, load_mapped_weights, merge_token_ids, token_ids
 
 
 class QwenStyleLM(nn.Module):
@@ -70,3 +70,55 @@ class QwenStyleLM(nn.Module):
     def official_name(local_name: str) -> str:
         """Our parameter name -> the official checkpoint name (identical for these families)."""
         return local_name
+
+
+def qwen_spec(
+    family: str,
+    cfg: dict[str, Any],
+    *,
+    head_dim: int,
+    vocab_size: int,
+    mask_token_id: int,
+    eos_token_id: int,
+    pad_token_id: int | None,
+    shift_logits: bool,
+    native_attention: str,
+    default_strategy: str,
+    default_block_size: int,
+    vanilla_schedule: str,
+    im_end: tuple[int, int] | None = None,
+) -> ModelSpec:
+    """The ModelSpec of a Qwen-layout checkpoint; keyword arguments are the family's official defaults.
+
+    Config ids win over them: ``mask_token_id``, ``eos_token_id`` (plus ``generation_config``'s), and
+    ``pad_token_id`` (``pad_token_id=None`` falls back to the first eos). ``im_end = (endoftext, im_end)``
+    also stops at ``<|im_end|>`` when the eos is ``<|endoftext|>`` and the vocabulary holds it (chat
+    turns end there; the official generation configs list it).
+    """
+    generation = cfg.get("generation_config", {})
+    eos_ids = token_ids(cfg.get("eos_token_id")) or (eos_token_id,)
+    extra = ()
+    if im_end is not None and im_end[0] in eos_ids and vocab_size > im_end[1]:
+        extra = (im_end[1],)
+    mask_id = cfg.get("mask_token_id")
+    pad_id = cfg.get("pad_token_id", generation.get("pad_token_id"))
+    if pad_id is None:
+        pad_id = pad_token_id if pad_token_id is not None else eos_ids[0]
+    return ModelSpec(
+        family=family,
+        hidden_size=int(cfg["hidden_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=int(cfg["num_attention_heads"]),
+        num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        head_dim=head_dim,
+        vocab_size=vocab_size,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+        mask_token_id=int(mask_id) if mask_id is not None else mask_token_id,
+        eos_token_ids=merge_token_ids(eos_ids, token_ids(generation.get("eos_token_id")), extra),
+        pad_token_id=int(pad_id),
+        shift_logits=shift_logits,
+        native_attention=native_attention,
+        default_strategy=default_strategy,
+        default_block_size=default_block_size,
+        vanilla_schedule=vanilla_schedule,
+    )

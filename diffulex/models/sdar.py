@@ -22,12 +22,10 @@ from torch import nn
 from diffulex.layers.norm import RMSNorm
 from diffulex.layers.qwen_blocks import PreNormDecoderLayer, QwenAttention, SwiGLUMLP, run_decoder_stack
 from diffulex.layers.rotary import RotaryEmbedding
-from diffulex.models.qwen_lm import QwenStyleLM
+from diffulex.models.qwen_lm import QwenStyleLM, qwen_spec
 from diffulex.models.registry import (
     ModelSpec,
-    merge_token_ids,
     register_model,
-    token_ids,
 )
 
 # Ids of the official (Qwen3-derived) SDAR tokenizer, used when the config leaves them out.
@@ -118,32 +116,18 @@ class SDARForCausalLM(QwenStyleLM):
     @classmethod
     def spec_from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
         """SDAR's engine-facing facts from its HF config (official ids where the config has none)."""
-        generation = cfg.get("generation_config", {})
-        eos_ids = token_ids(cfg.get("eos_token_id")) or (SDAR_ENDOFTEXT_ID,)
-        vocab_size = int(cfg["vocab_size"])
-        # Chat turns end with <|im_end|>: the official generation_config lists it, add it when that is absent.
-        official_im_end = (
-            (SDAR_IM_END_ID,) if SDAR_ENDOFTEXT_ID in eos_ids and vocab_size > SDAR_IM_END_ID else ()
-        )
-        mask_id = cfg.get("mask_token_id")
-        pad_id = cfg.get("pad_token_id", generation.get("pad_token_id"))
-        return ModelSpec(
-            family=cls.family,
-            hidden_size=int(cfg["hidden_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=int(cfg["num_attention_heads"]),
-            num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        return qwen_spec(
+            cls.family,
+            cfg,
             head_dim=_head_dim(cfg),
-            vocab_size=vocab_size,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-            mask_token_id=int(mask_id) if mask_id is not None else SDAR_MASK_TOKEN_ID,
-            eos_token_ids=merge_token_ids(
-                eos_ids, token_ids(generation.get("eos_token_id")), official_im_end
-            ),
-            pad_token_id=int(pad_id) if pad_id is not None else eos_ids[0],
+            vocab_size=int(cfg["vocab_size"]),
+            mask_token_id=SDAR_MASK_TOKEN_ID,
+            eos_token_id=SDAR_ENDOFTEXT_ID,
+            pad_token_id=None,
             shift_logits=False,
             native_attention="block_causal",
             default_strategy="block_diffusion",
             default_block_size=int(cfg.get("block_size") or SDAR_DEFAULT_BLOCK_SIZE),
             vanilla_schedule="llada",  # unshifted, one-block-at-a-time schedule if run with `vanilla`
+            im_end=(SDAR_ENDOFTEXT_ID, SDAR_IM_END_ID),
         )
