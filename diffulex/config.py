@@ -66,6 +66,14 @@ class EngineConfig(BaseModel):
         "auto", description="auto = Triton on CUDA, the torch reference on CPU."
     )
     fused_sampling: bool = Field(True, description="Greedy top-1/confidence with the Triton kernel on CUDA.")
+    denoise_iterations_per_sync: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Greedy denoise iterations run on the device before the host applies them, when "
+        "every request of a step is denoising a block with a known schedule (block_diffusion); 1 = the "
+        "host sees every forward. Outputs are the same either way.",
+    )
     seed: int = Field(0, description="Default seed for requests without one.")
     # Strategy knobs (named as in the official code).
     cache_mode: Literal["prefix", "dual"] = Field("prefix", description="fast_dllm: prefix or dual cache.")

@@ -50,6 +50,13 @@ class SequencePlan:
     rule). Cached context: positions ``[0, context_len)`` minus ``context_hole``. Query tokens in
     ``store_range`` (indices into the query) have their K/V stored at their positions' cache slots.
     ``sample_indices`` are the query indices whose prediction the strategy needs.
+
+    ``loop_counts`` lets the runner run several greedy denoise iterations of this query on the device
+    before the host sees them (one host sync for many forwards): entry ``k`` is the unmask count of the
+    ``k``-th iteration, applied exactly as the strategy's ``update`` applies it (top-``k`` confidences
+    among the still-masked sampled positions, ties to the lower index; with ``loop_threshold``, every
+    position strictly above it when there are at least ``k`` of them). Empty: one iteration per step.
+    Only a pure denoise query (nothing stored, every sampled position masked) may carry a loop.
     """
 
     request_id: str
@@ -63,6 +70,8 @@ class SequencePlan:
     sample: SampleSpec = field(default_factory=SampleSpec)
     uncond: SequencePlan | None = None
     step_index: int = 0
+    loop_counts: tuple[int, ...] = ()
+    loop_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.token_ids) == len(self.positions) == len(self.block_ids)):
@@ -171,10 +180,18 @@ class SequenceOutput:
     token_ids: np.ndarray
     confidences: np.ndarray
     failed: bool = False
+    # Device-loop iterations only: which sampled positions the device accepted in this iteration (the
+    # engine checks that the strategy's own update accepts the same ones).
+    accepted: np.ndarray | None = None
 
 
 @dataclass
 class StepOutput:
-    """Outputs of one step, one entry per sequence of the StepPlan (entries of uncond twins are unused)."""
+    """Outputs of one step, one entry per sequence of the StepPlan (entries of uncond twins are unused).
+
+    ``iterations`` holds the outputs of the device-loop iterations after the first (see
+    ``SequencePlan.loop_counts``), each aligned like ``sequences`` with the plan's ``sample_indices``.
+    """
 
     sequences: list[SequenceOutput]
+    iterations: list[list[SequenceOutput]] = field(default_factory=list)

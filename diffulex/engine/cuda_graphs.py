@@ -32,6 +32,16 @@ def default_buckets(max_num_reqs: int) -> list[int]:
 
 
 @dataclass
+class PreparedStep:
+    """A plan loaded into the static buffers: its bucket, its sampled rows (device) and the padded row
+    of every packed token (host), so a device loop can rewrite query tokens in ``input_ids`` in place."""
+
+    bucket: int
+    sample_rows: torch.Tensor
+    padded_rows: np.ndarray
+
+
+@dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
     hidden: torch.Tensor
@@ -118,8 +128,8 @@ class CudaGraphRunner:
         widest = max((len(t) for t in plan.page_tables), default=0)
         return 0 < longest <= self.tokens_per_seq and widest <= self.max_pages
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        """Replay the bucket's graph; return the hidden states of the plan's sampled rows."""
+    def load(self, plan: StepPlan) -> PreparedStep:
+        """Copy the plan into the static buffers of its bucket (padding each sequence to the query size)."""
         num_seqs = plan.num_sequences
         bucket = next(b for b in self.buckets if b >= num_seqs)
         q = self.tokens_per_seq
@@ -155,6 +165,14 @@ class CudaGraphRunner:
             target[: source.shape[0]].copy_(torch.from_numpy(source), non_blocking=True)
         # Copied before the replay: a pageable copy queued after it would block the host until it ends.
         rows = torch.from_numpy(padded[plan.sample_rows]).to(self.device, non_blocking=True)
-        captured = self.graphs[bucket]
+        return PreparedStep(bucket, rows, padded)
+
+    def replay(self, step: PreparedStep) -> torch.Tensor:
+        """Replay the loaded bucket's graph; return the hidden states of the sampled rows."""
+        captured = self.graphs[step.bucket]
         captured.graph.replay()
-        return captured.hidden[rows]
+        return captured.hidden[step.sample_rows]
+
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """Load the plan and replay once: the hidden states of the plan's sampled rows."""
+        return self.replay(self.load(plan))

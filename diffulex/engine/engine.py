@@ -13,6 +13,8 @@ import time
 import zlib
 from typing import Any
 
+import numpy as np
+
 from diffulex.config import EngineConfig
 from diffulex.engine.kv_cache import KVCacheManager
 from diffulex.engine.model_runner import ModelRunner
@@ -21,7 +23,7 @@ from diffulex.engine.stop_checker import find_stop
 from diffulex.models.loader import load_tokenizer
 from diffulex.request import Request, RequestOutput, RequestStatus
 from diffulex.sampling_params import SamplingParams
-from diffulex.step import SequencePlan, StepPlan
+from diffulex.step import SequenceOutput, SequencePlan, StepPlan
 from diffulex.strategies import StrategyOptions, create_strategy
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,9 @@ class Engine:
                 decoded_token_threshold=config.decoded_token_threshold,
                 remasking=config.remasking,
                 fuse_block_store=config.fuse_block_store,
+                small_block_size=config.small_block_size,
+                use_block_cache=config.use_block_cache,
+                shift_logits=spec.shift_logits,
             ),
         )
         self.block_size = block_size
@@ -155,30 +160,91 @@ class Engine:
             plans, [r.page_table for r in requests], self.config.page_size, self.spec.shift_logits
         )
         try:
-            output = self.runner.execute(step_plan, self.mask_token_id)
+            output = self.runner.execute(
+                step_plan, self.mask_token_id, self.config.denoise_iterations_per_sync
+            )
         except Exception as error:
             logger.exception("model step failed for %d requests", len(requests))
             return finished + [self._fail(r, f"model step failed: {error}") for r in requests]
         self.num_steps += 1
         uncond = set(step_plan.cfg_pairs.values())
         outputs = [out for index, out in enumerate(output.sequences) if index not in uncond]
-        for request, plan, seq_output in zip(requests, plans, outputs):
-            request.num_forwards += 2 if plan.uncond is not None else 1
-            request.num_steps += 1
-            if seq_output.failed:
-                finished.append(self._fail(request, "the model produced NaN logits"))
-                continue
-            try:
-                self._advance_cache(request, plan)
-                done = self.strategy.update(request, seq_output)
-            except Exception as error:
-                logger.exception("update failed for %s", request.request_id)
-                finished.append(self._fail(request, f"update failed: {error}"))
-                continue
-            result = self._check_finished(request, done)
+        looping: list[tuple[Request, SequencePlan, int]] = []
+        for index, (request, plan, seq_output) in enumerate(zip(requests, plans, outputs)):
+            result = self._apply(request, plan, seq_output)
             if result is not None:
                 finished.append(result)
+            elif output.iterations and self._device_agreed(request, plan, plan, seq_output):
+                looping.append((request, plan, index))
+        # Device-loop iterations: replayed one by one through the strategy, as if each were a step.
+        for iteration in output.iterations:
+            still: list[tuple[Request, SequencePlan, int]] = []
+            for request, loop_plan, index in looping:
+                plan = self._replan_in_loop(request, loop_plan)
+                if plan is None:
+                    continue
+                where = {query_index: row for row, query_index in enumerate(loop_plan.sample_indices)}
+                rows = np.asarray([where[j] for j in plan.sample_indices], dtype=np.int64)
+                loop_output = iteration[index]
+                seq_output = SequenceOutput(
+                    loop_output.token_ids[rows], loop_output.confidences[rows], failed=loop_output.failed
+                )
+                result = self._apply(request, plan, seq_output)
+                if result is not None:
+                    finished.append(result)
+                elif self._device_agreed(request, loop_plan, plan, loop_output):
+                    still.append((request, loop_plan, index))
+            looping = still
         return finished
+
+    def _apply(
+        self, request: Request, plan: SequencePlan, seq_output: SequenceOutput
+    ) -> RequestOutput | None:
+        """One forward's predictions through the strategy; the request's output if it finished."""
+        request.num_forwards += 2 if plan.uncond is not None else 1
+        request.num_steps += 1
+        if seq_output.failed:
+            return self._fail(request, "the model produced NaN logits")
+        try:
+            self._advance_cache(request, plan)
+            done = self.strategy.update(request, seq_output)
+        except Exception as error:
+            logger.exception("update failed for %s", request.request_id)
+            return self._fail(request, f"update failed: {error}")
+        return self._check_finished(request, done)
+
+    def _replan_in_loop(self, request: Request, loop_plan: SequencePlan) -> SequencePlan | None:
+        """The strategy's plan for the next loop iteration, or None when it left the loop's query (the
+        block finished): the device's remaining iterations for this request are then unused."""
+        plan = self.strategy.plan(request)
+        plan.step_index = request.num_steps
+        same_query = plan.positions == loop_plan.positions and plan.store_range[1] <= plan.store_range[0]
+        if (
+            not same_query
+            or not plan.sample_indices
+            or not set(plan.sample_indices) <= set(loop_plan.sample_indices)
+        ):
+            return None
+        return plan
+
+    def _device_agreed(
+        self, request: Request, loop_plan: SequencePlan, plan: SequencePlan, output: SequenceOutput
+    ) -> bool:
+        """Whether the strategy committed exactly the positions the device accepted in this iteration, so
+        the device's next iteration started from the request's real tokens."""
+        if output.accepted is None:
+            return False
+        device = {
+            loop_plan.positions[j] for j, taken in zip(loop_plan.sample_indices, output.accepted) if taken
+        }
+        mask = request.mask_token_id
+        host = {plan.positions[j] for j in plan.sample_indices if request.tokens[plan.positions[j]] != mask}
+        if device != host:
+            logger.warning(
+                "device loop diverged from the strategy for %s; continuing per step", request.request_id
+            )
+            return False
+        return True
 
     def _advance_cache(self, request: Request, plan: SequencePlan) -> None:
         low, high = plan.store_range

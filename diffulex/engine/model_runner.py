@@ -15,6 +15,7 @@ import torch
 
 from diffulex.config import EngineConfig
 from diffulex.engine.cuda_graphs import CudaGraphRunner
+from diffulex.engine.denoise_loop import loop_iterations, run_denoise_loop, write_rows
 from diffulex.layers.attention import Attention
 from diffulex.layers.context import AttentionContext, set_context, single_sequence_context
 from diffulex.models.loader import load_model
@@ -189,8 +190,13 @@ class ModelRunner:
         return context
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, mask_token_id: int) -> StepOutput:
+    def execute(self, plan: StepPlan, mask_token_id: int, iterations: int = 1) -> StepOutput:
+        """Run the plan; with ``iterations`` > 1 and a plan that allows it, a device loop of that many
+        greedy denoise iterations (``diffulex.engine.denoise_loop``): its outputs carry ``iterations``."""
+        iterations = loop_iterations(plan, iterations)
         graphs = next((g for g in self.graph_sets if g.can_run(plan)), None)
+        if iterations > 1:
+            return self._execute_loop(plan, mask_token_id, iterations, graphs)
         if graphs is not None:
             hidden_rows = graphs.run(plan)
             logits = (
@@ -209,6 +215,42 @@ class ModelRunner:
         rows = torch.from_numpy(plan.sample_rows).to(self.device)
         logits = self.model.compute_logits(hidden[rows]) if rows.numel() else hidden.new_zeros(0, 1)
         return self._sample(plan, logits, mask_token_id)
+
+    def _execute_loop(
+        self, plan: StepPlan, mask_token_id: int, iterations: int, graphs: CudaGraphRunner | None
+    ) -> StepOutput:
+        spec = plan.sequences[0].sample
+        token_rows = write_rows(plan)
+        if graphs is not None:
+            prepared = graphs.load(plan)
+            tokens = graphs.input_ids
+
+            def forward() -> torch.Tensor:
+                return graphs.replay(prepared)
+
+            token_rows = prepared.padded_rows[token_rows]
+        else:
+            tokens = torch.from_numpy(plan.input_ids).to(self.device)
+            positions = torch.from_numpy(plan.positions).to(self.device)
+            context = self._context(plan)
+            rows = torch.from_numpy(plan.sample_rows).to(self.device)
+
+            def forward() -> torch.Tensor:
+                set_context(context)
+                try:
+                    return self.model(tokens, positions)[rows]
+                finally:
+                    set_context(None)
+
+        return run_denoise_loop(
+            plan,
+            iterations,
+            forward,
+            self.model.compute_logits,
+            lambda logits: self._greedy(logits, spec, mask_token_id),
+            tokens,
+            torch.from_numpy(token_rows).to(self.device),
+        )
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor, mask_token_id: int) -> StepOutput:
         """Token ids and confidences for every sampled row; one device→host copy of each."""

@@ -24,6 +24,7 @@ from diffulex.step import SequenceOutput, SequencePlan
 from diffulex.strategies.base import Strategy, register_strategy
 
 DEFAULT_DYNAMIC_THRESHOLD = 0.9
+MAX_LOOP_ITERATIONS = 64  # device-loop counts stated per plan (the engine caps the loop length itself)
 
 
 @register_strategy
@@ -91,6 +92,9 @@ class BlockDiffusionStrategy(Strategy):
     ) -> SequencePlan:
         """Query ``[query_start, query_end)`` over the cache before it; store ``[query_start, store_end)``."""
         positions = list(range(query_start, query_end))
+        loop_counts, loop_threshold = (), None
+        if store_end <= query_start and candidates:
+            loop_counts, loop_threshold = self._loop(request, len(candidates))
         return SequencePlan(
             request_id=request.request_id,
             token_ids=request.tokens[query_start:query_end],
@@ -100,7 +104,31 @@ class BlockDiffusionStrategy(Strategy):
             store_range=(0, store_end - query_start),
             sample_indices=[p - query_start for p in candidates],
             sample=self.sample_spec(request),
+            loop_counts=loop_counts,
+            loop_threshold=loop_threshold,
         )
+
+    def _loop(self, request: Request, num_masked: int) -> tuple[tuple[int, ...], float | None]:
+        """The unmask counts of this block's remaining denoise steps, for a device loop: the schedule
+        from the current step until the block is surely decoded (each step takes at least its count)."""
+        rule = self._remasking(request)
+        if rule == "sequential":
+            return (), None
+        state = request.strategy_state
+        schedule: list[int] = state["schedule"]
+        counts: list[int] = []
+        step = state["step"]
+        while num_masked > 0 and len(counts) < MAX_LOOP_ITERATIONS:
+            count = schedule[min(step, len(schedule) - 1)]
+            if count <= 0 and step >= len(schedule) - 1:
+                break  # a zero count from here on: the host would not progress either
+            counts.append(count)
+            num_masked -= min(count, num_masked)
+            step += 1
+        if rule != "dynamic":
+            return tuple(counts), None
+        threshold = request.params.threshold
+        return tuple(counts), DEFAULT_DYNAMIC_THRESHOLD if threshold is None else threshold
 
     def plan(self, request: Request) -> SequencePlan:
         if self.options.fuse_block_store:

@@ -1,0 +1,75 @@
+"""The block-diffusion unmasking rules on the device, batched over the sequences of one step.
+
+``diffulex.sampling.selection`` applies the rules on the host, one request at a time. A device loop
+(several denoise iterations per host sync, see ``SequencePlan.loop_counts``) has to apply the very same
+rules between forwards without copying anything to the host, so this module restates them in batched
+torch ops over a ``[sequences, rows]`` layout:
+
+* **top-k** (``select_top_k``): the ``k`` highest confidences among the still-masked rows of a sequence,
+  equal confidences by lower row first (a stable descending sort: the host's ``rank``);
+* **threshold** (``select_above`` used by SDAR's dynamic remasking): every still-masked row whose
+  confidence is strictly above the threshold, taken instead of the top-k when there are at least ``k``.
+
+``k`` is clipped to the rows still masked, as the strategies clip it. Confidences are compared in
+float64, as on the host (the runner hands the host float64 confidences).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DeviceUnmasker:
+    """Tracks which sampled rows of each sequence are still masked and picks the rows to accept.
+
+    ``rows_per_seq[s]`` sampled rows belong to sequence ``s`` (flat, sequence after sequence);
+    ``counts[k][s]`` is sequence ``s``'s unmask count at iteration ``k``; ``thresholds[s]`` its dynamic
+    threshold or None (top-k only). Every row starts masked.
+    """
+
+    def __init__(
+        self,
+        rows_per_seq: list[int],
+        counts: list[list[int]],
+        thresholds: list[float | None],
+        device: torch.device,
+    ):
+        num_seqs = len(rows_per_seq)
+        self.num_rows = sum(rows_per_seq)
+        width = max(rows_per_seq, default=0)
+        # pad_index[s, j]: the flat row of sequence s's j-th sampled row; num_rows (a sentinel) past its end.
+        pad_index = torch.full((num_seqs, width), self.num_rows, dtype=torch.long)
+        start = 0
+        for seq, count in enumerate(rows_per_seq):
+            pad_index[seq, :count] = torch.arange(start, start + count)
+            start += count
+        self.pad_index = pad_index.to(device)
+        self.counts = torch.tensor(counts, dtype=torch.long).reshape(len(counts), num_seqs).to(device)
+        self.thresholds = torch.tensor(
+            [float("inf") if t is None else float(t) for t in thresholds], dtype=torch.float64
+        ).to(device)
+        self.dynamic = torch.tensor([t is not None for t in thresholds], dtype=torch.bool).to(device)
+        self.positions = torch.arange(width, device=device)
+        self.masked = torch.ones(self.num_rows + 1, dtype=torch.bool, device=device)
+        self.masked[-1] = False  # the sentinel row is never a candidate
+
+    def select(self, confidences: torch.Tensor, iteration: int) -> torch.Tensor:
+        """Rows accepted at ``iteration`` (bool ``[num_rows]``); they stop being masked."""
+        conf = torch.full((self.num_rows + 1,), float("-inf"), dtype=torch.float64, device=self.masked.device)
+        conf[: self.num_rows] = confidences.to(torch.float64)
+        conf = torch.where(self.masked, conf, float("-inf"))
+        padded = conf[self.pad_index]  # [S, width]; -inf on rows no longer masked and on padding
+        still = self.masked[self.pad_index]
+        k = torch.minimum(self.counts[iteration], still.sum(dim=1))
+        order = torch.sort(padded, dim=1, descending=True, stable=True).indices
+        top_sorted = self.positions.unsqueeze(0) < k.unsqueeze(1)
+        top = torch.zeros_like(top_sorted).scatter(1, order, top_sorted)
+        above = still & (padded > self.thresholds.unsqueeze(1))
+        use_above = self.dynamic & (above.sum(dim=1) >= k)
+        chosen_padded = torch.where(use_above.unsqueeze(1), above, top) & still
+        # A scatter, not boolean indexing: no host sync. Padding lands on the sentinel row (dropped).
+        chosen = torch.zeros(self.num_rows + 1, dtype=torch.bool, device=self.masked.device)
+        chosen.scatter_(0, self.pad_index.reshape(-1), chosen_padded.reshape(-1))
+        chosen[-1] = False
+        self.masked &= ~chosen
+        return chosen[: self.num_rows]
