@@ -11,10 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from diffulex.kernels.sampling import (
     POLICIES,
+    SAMPLE_POLICIES,
+    _noise_uniforms,
     greedy_confidence_reference,
     greedy_confidence_triton,
+    sample_confidence_reference,
+    sample_confidence_triton,
+    sampling_noise,
 )
 
 from diffulex.sampling.confidence import sample_tokens
@@ -261,3 +268,105 @@ def test_gpu_qwen_fp16_strided(policy: str) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     _check_gpu(_gpu_logits(512, 151936, 151666, torch.float16, pad=64), 151666, policy)
+
+
+# --- GPU (H200): temperature sampling -------------------------------------------------------------------
+
+LLADA_VOCAB, LLADA_MASK = 126464, 126336
+
+
+@triton.jit
+def _noise_kernel(out_ptr, seeds_ptr, streams_ptr, V, BLOCK: tl.constexpr):
+    """Writes the uniforms the sampling kernel draws for each (seed, stream) row."""
+    row = tl.program_id(0)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        u = _noise_uniforms(tl.load(seeds_ptr + row), tl.load(streams_ptr + row), offs)
+        tl.store(out_ptr + row.to(tl.int64) * V + offs, u, mask=offs < V)
+
+
+def _gpu_sampling_rows(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row temperatures, seeds and streams (32 rows per sequence, as a Block Buffer step)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    temps = torch.tensor([0.7, 1.0, 1.5, 0.2], device="cuda").repeat((n + 3) // 4)[:n]
+    seeds = torch.randint(0, 1 << 47, ((n + 31) // 32,), device="cuda", generator=g)
+    seeds = seeds.repeat_interleave(32)[:n]
+    streams = torch.arange(n, device="cuda") % 32
+    return temps, seeds, streams
+
+
+def _check_near_ties(x: torch.Tensor, temps: torch.Tensor, u: torch.Tensor, ids, ref_ids) -> None:
+    """fp32 kernel vs float64 reference: a different draw is allowed only at an fp32 near-tie."""
+    differ = (ids != ref_ids).nonzero().squeeze(-1)
+    assert differ.numel() <= max(1, ids.numel() // 100), f"{differ.numel()} rows differ"
+    if differ.numel() == 0:
+        return
+    rows = x[differ].double()
+    scores = rows - temps[differ, None].double() * torch.log(-torch.log(u[differ].double()))
+    ref_score = scores.gather(-1, ref_ids[differ, None]).squeeze(-1)
+    got_score = scores.gather(-1, ids[differ, None]).squeeze(-1)
+    assert bool(((ref_score - got_score).abs() <= 1e-5 * ref_score.abs().clamp_min(1.0)).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [32, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_temperature_llada(rows: int, dtype: torch.dtype) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    logits = _gpu_logits(rows, LLADA_VOCAB, LLADA_MASK, dtype)
+    temps, seeds, streams = _gpu_sampling_rows(rows)
+    uniforms, random_conf = sampling_noise(seeds, streams, LLADA_VOCAB)
+    device_u = torch.empty(rows, LLADA_VOCAB, device="cuda")
+    _noise_kernel[(rows,)](device_u, seeds, streams, LLADA_VOCAB, BLOCK=4096)
+    assert torch.equal(device_u, uniforms), "tl.rand on the device differs from kernels/philox.py"
+    x = logits.float()
+    x[:, LLADA_MASK] = -INF
+    for policy in SAMPLE_POLICIES:
+        ids, conf = sample_confidence_triton(logits, LLADA_MASK, policy, temps, seeds, streams)
+        assert not bool((ids == LLADA_MASK).any())
+        ref_ids, ref_conf = sample_confidence_reference(
+            logits, LLADA_MASK, policy, temps, uniforms, random_conf
+        )
+        _check_near_ties(x, temps, uniforms, ids, ref_ids)
+        same = ids == ref_ids
+        torch.testing.assert_close(conf[same], ref_conf[same], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", SAMPLE_POLICIES)
+def test_gpu_temperature_allocates_no_vocab_sized_tensor(policy: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    rows = 1024
+    logits = _gpu_logits(rows, LLADA_VOCAB, LLADA_MASK, torch.bfloat16)
+    temps, seeds, streams = _gpu_sampling_rows(rows)
+    sample_confidence_triton(logits, LLADA_MASK, policy, temps, seeds, streams)  # compile outside
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    sample_confidence_triton(logits, LLADA_MASK, policy, temps, seeds, streams)
+    torch.cuda.synchronize()
+    growth = torch.cuda.max_memory_allocated() - before
+    # Not even one byte per logit: no [rows, vocab] tensor of any dtype (float64 would be 8 bytes each).
+    assert growth < rows * LLADA_VOCAB, f"peak grew by {growth} bytes"
+
+
+@pytest.mark.gpu
+def test_gpu_temperature_frequencies() -> None:
+    """The kernel itself samples softmax(x / T) (200 000 draws, so 0.01 is over 9 standard deviations)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    draws, mask = 200_000, 4
+    x = torch.tensor([1.0, -0.5, 0.3, 2.0, 9.0, 0.0, 1.2, -3.0], device="cuda")
+    seeds = torch.full((draws,), 7, device="cuda")
+    streams = torch.arange(draws, device="cuda")
+    for temperature in (0.5, 1.0, 2.0):
+        temps = torch.full((draws,), temperature, device="cuda")
+        ids, _ = sample_confidence_triton(x.expand(draws, -1), mask, "probability", temps, seeds, streams)
+        freq = torch.bincount(ids, minlength=x.numel()).double() / draws
+        masked = x.double().clone()
+        masked[mask] = -INF
+        expected = torch.softmax(masked / temperature, dim=-1)
+        assert freq[mask].item() == 0.0
+        assert float((freq - expected).abs().max()) < 0.01, (temperature, freq, expected)
