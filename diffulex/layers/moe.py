@@ -1,17 +1,36 @@
-"""Sparse mixture-of-experts MLP (Qwen3-MoE routing) in plain torch, batch-invariant per token.
+"""Sparse mixture-of-experts MLPs (Qwen3-MoE softmax routing, LLaDA2 group-limited sigmoid routing).
 
-The router (``gate``, ``[num_experts, hidden]``, no bias) scores every expert; the scores go through a
-softmax in fp32, each token keeps its ``top_k`` experts and, with ``norm_topk_prob``, their weights are
-renormalised to sum to one. Tokens are then grouped by expert: each expert gathers the rows routed to it,
-runs one SwiGLU over all of them (``batch_invariant_linear`` underneath, so a row's result does not depend
-on which other rows share the expert) and its weighted outputs are scatter-added back in expert order.
-A token's output is therefore a function of that token alone, whatever the batch.
+The router scores every expert and each token keeps its ``top_k``; the block's output is the
+routing-weighted sum of those experts' SwiGLU outputs. Two paths compute it, chosen per call from the
+device of the hidden states:
 
-This is the reference path, correct on CPU and GPU alike; the fused Triton MoE kernel (one grouped GEMM
-over all experts, sorted token ids) belongs to the GPU issue and will replace ``forward`` on CUDA there.
+* **CUDA (triton importable): the fused path** (``diffulex.kernels.fused_moe``). Pairs (token, slot) are
+  grouped by expert on the device into a buffer of static size, and two grouped GEMMs (gate/up with the
+  SiLU-mul fused, then down with the routing weight) run over the stacked expert weights; the slots are
+  summed in float32 in slot order. No host synchronisation, so the block is capturable in a CUDA graph:
+  ``cuda_graph_safe`` is True when the weights live on a CUDA device and triton is there (the runner reads
+  it before capturing). The routers are device-only ops (softmax/sigmoid, topk, scatter, gather).
+* **Elsewhere (CPU): the grouped reference path.** Each expert gathers the rows routed to it (host-side
+  ``nonzero``), runs one SwiGLU over them (``batch_invariant_linear`` underneath) and scatter-adds its
+  weighted outputs back in expert order. Not capturable, which does not matter on the CPU.
+
+Both paths are batch-invariant per token: a token's output does not depend on which other tokens share
+the step (the fused kernel's argument is in its module docstring).
+
+**Expert weights are stored once** (``StackedExperts``): two stacked tensors, ``gate_up_weight
+[E, 2I, H]`` (each expert's gate rows then up rows) and ``down_weight [E, H, I]``, are the only storage;
+each expert ``experts.{e}`` is a ``SwiGLUMLP`` whose ``gate_up_proj.weight`` / ``down_proj.weight``
+parameters are views ``gate_up_weight[e]`` / ``down_weight[e]``. The loader writes the official tensors
+(``experts.{e}.gate_proj/up_proj/down_proj``) through those views, i.e. straight into the stacks, and the
+grouped path reads the same memory, so the fused path costs no second copy. The stacks are non-persistent
+buffers (the checkpoint names stay the per-expert ones); ``_apply`` (``.to()``, ``.cuda()``, ``.half()``)
+converts the stacks once and re-points the views, instead of copying every expert on its own.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,13 +40,81 @@ from diffulex.layers.qwen_blocks import SwiGLUMLP
 
 ExpertMLP = SwiGLUMLP  # one expert: the official gate/up/down names, gate and up merged
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # checked without importing it on CPU
+
+
+def use_fused_moe(hidden: torch.Tensor) -> bool:
+    """Whether a block's experts run the fused Triton kernels for ``hidden`` (CUDA and triton)."""
+    return hidden.is_cuda and _HAS_TRITON
+
+
+class StackedExperts(nn.ModuleList):
+    """``num_experts`` SwiGLU experts (``experts.{e}.gate_up_proj`` / ``down_proj``, the official
+    ``gate_proj``/``up_proj`` shards) whose weights are views into two stacked buffers, ``gate_up_weight
+    [E, 2I, H]`` and ``down_weight [E, H, I]`` (see the module docstring): one copy serves both paths."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        # The experts' own parameters are replaced by views at once: build them without memory.
+        with torch.device("meta"):
+            experts = [ExpertMLP(hidden_size, intermediate_size) for _ in range(num_experts)]
+        super().__init__(experts)
+        # Uninitialised on purpose, like every parameter: the checkpoint overwrites them (through the views).
+        self.register_buffer(
+            "gate_up_weight", torch.empty(num_experts, 2 * intermediate_size, hidden_size), persistent=False
+        )
+        self.register_buffer(
+            "down_weight", torch.empty(num_experts, hidden_size, intermediate_size), persistent=False
+        )
+        self._point_experts_at_stacks()
+
+    def _point_experts_at_stacks(self) -> None:
+        """Make each expert's weight parameters views of its slice of the stacked buffers."""
+        for index, expert in enumerate(self):
+            gate_up, down = expert.gate_up_proj, expert.down_proj
+            gate_up.weight = nn.Parameter(
+                self.gate_up_weight[index], requires_grad=gate_up.weight.requires_grad
+            )
+            down.weight = nn.Parameter(self.down_weight[index], requires_grad=down.weight.requires_grad)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> StackedExperts:
+        # Convert the stacks once, then re-point the views: converting each expert's view on its own would
+        # allocate a second, per-expert copy of every weight.
+        super()._apply(fn, recurse=False)
+        self._point_experts_at_stacks()
+        return self
+
+    def grouped_forward(
+        self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, sum_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The reference path: each expert over the rows routed to it (host-side grouping), weighted and
+        index-added in expert order into a ``sum_dtype`` accumulator (``weights`` multiply in their own
+        dtype promotion with the expert output cast to ``sum_dtype``)."""
+        out = torch.zeros(hidden.shape, dtype=sum_dtype, device=hidden.device)
+        for expert_id, expert in enumerate(self):
+            # A token picks distinct experts, so each row appears at most once per expert.
+            rows, slots = (expert_ids == expert_id).nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            expert_out = expert(hidden[rows]).to(sum_dtype) * weights[rows, slots].unsqueeze(-1)
+            out.index_add_(0, rows, expert_out)
+        return out
+
+    def fused_forward(
+        self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The fused Triton path over the stacked weights (slots summed in float32, cast to the input's dtype)."""
+        from diffulex.kernels.fused_moe import fused_moe_triton
+
+        return fused_moe_triton(hidden, weights, expert_ids, self.gate_up_weight, self.down_weight)
+
+    @property
+    def fused_ready(self) -> bool:
+        """Whether the stacked weights sit where the fused kernels run (a CUDA device, triton present)."""
+        return self.gate_up_weight.is_cuda and _HAS_TRITON
+
 
 class SparseMoeBlock(nn.Module):
     """Top-k routed experts: ``gate`` (the router) and ``experts.{e}``, as in the official checkpoints."""
-
-    # Grouping tokens by expert reads each expert's token count on the host: not capturable in a CUDA
-    # graph (the fused MoE kernel of the GPU issue will be). The runner checks this flag.
-    cuda_graph_safe = False
 
     def __init__(
         self,
@@ -44,7 +131,12 @@ class SparseMoeBlock(nn.Module):
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
         self.gate = Linear(hidden_size, num_experts)
-        self.experts = nn.ModuleList(ExpertMLP(hidden_size, intermediate_size) for _ in range(num_experts))
+        self.experts = StackedExperts(num_experts, hidden_size, intermediate_size)
+
+    @property
+    def cuda_graph_safe(self) -> bool:
+        """Capturable exactly when the fused path runs (the runner checks this before capturing)."""
+        return self.experts.fused_ready
 
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden [T, hidden]`` -> ``(weights [T, top_k] in hidden's dtype, expert ids [T, top_k])``."""
@@ -58,15 +150,9 @@ class SparseMoeBlock(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [T, hidden]`` -> ``[T, hidden]``: the routing-weighted sum of each token's experts."""
         weights, expert_ids = self.route(hidden)
-        out = torch.zeros_like(hidden)
-        for expert_id, expert in enumerate(self.experts):
-            # A token picks distinct experts, so each row appears at most once per expert.
-            rows, slots = (expert_ids == expert_id).nonzero(as_tuple=True)
-            if rows.numel() == 0:
-                continue
-            expert_out = expert(hidden[rows]) * weights[rows, slots].unsqueeze(-1)
-            out.index_add_(0, rows, expert_out)
-        return out
+        if use_fused_moe(hidden):
+            return self.experts.fused_forward(hidden, weights, expert_ids)
+        return self.experts.grouped_forward(hidden, weights, expert_ids, hidden.dtype)
 
 
 class GroupLimitedSigmoidRouter(nn.Module):
@@ -126,12 +212,9 @@ class GroupLimitedSigmoidRouter(nn.Module):
 class GroupedSigmoidMoeBlock(nn.Module):
     """LLaDA2-MoE's sparse MLP: ``gate`` (the group-limited sigmoid router), ``experts.{e}`` and, with
     ``num_shared_experts``, ``shared_experts`` (one SwiGLU ``moe_intermediate_size * num_shared_experts``
-    wide, applied to every token and added). Grouped by expert and batch-invariant like ``SparseMoeBlock``;
-    the routed sum is accumulated in fp32 (as the official ``moe_infer``) before the cast back."""
-
-    # Grouping tokens by expert reads each expert's token count on the host: not capturable in a CUDA
-    # graph (the fused MoE kernel of the GPU issue will be). The runner checks this flag.
-    cuda_graph_safe = False
+    wide, applied to every token and added). Fused on CUDA, grouped by expert elsewhere, batch-invariant
+    like ``SparseMoeBlock``; the routed sum is accumulated in fp32 (as the official ``moe_infer``) before
+    the cast back, on both paths."""
 
     def __init__(
         self,
@@ -148,23 +231,27 @@ class GroupedSigmoidMoeBlock(nn.Module):
         self.gate = GroupLimitedSigmoidRouter(
             hidden_size, num_experts, top_k, n_group, topk_group, routed_scaling_factor
         )
-        self.experts = nn.ModuleList(ExpertMLP(hidden_size, intermediate_size) for _ in range(num_experts))
+        self.experts = StackedExperts(num_experts, hidden_size, intermediate_size)
         self.shared_experts = (
             ExpertMLP(hidden_size, intermediate_size * num_shared_experts) if num_shared_experts else None
         )
 
+    @property
+    def cuda_graph_safe(self) -> bool:
+        """Capturable exactly when the fused path runs (the runner checks this before capturing)."""
+        return self.experts.fused_ready
+
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden [T, hidden]`` -> ``(weights [T, top_k] fp32, expert ids [T, top_k])``."""
         return self.gate(hidden)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [T, hidden]`` -> routed experts (fp32 sum, cast) plus the shared expert."""
         weights, expert_ids = self.gate(hidden)
-        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        for expert_id, expert in enumerate(self.experts):
-            rows, slots = (expert_ids == expert_id).nonzero(as_tuple=True)
-            if rows.numel() == 0:
-                continue
-            out.index_add_(0, rows, expert(hidden[rows]).float() * weights[rows, slots].unsqueeze(-1))
-        out = out.to(hidden.dtype)
+        if use_fused_moe(hidden):
+            out = self.experts.fused_forward(hidden, weights, expert_ids)
+        else:
+            out = self.experts.grouped_forward(hidden, weights, expert_ids, torch.float32).to(hidden.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         return out
