@@ -30,14 +30,21 @@ SMALL_TILES = MoeTileConfig(
 _CHILD = """
 import sys
 import torch
+import diffulex.layers.moe as moe
 from diffulex.kernels.fused_moe import fused_moe_triton
 from diffulex.kernels.moe_align import align_pairs_to_experts
+from diffulex.models import load_model
+from tests.test_models import model_logits
 
+moe.use_fused_moe = lambda hidden: True  # the layers' CUDA dispatch, forced on CPU tensors (interpreted)
 cases = torch.load(sys.argv[1], weights_only=False)
 out = {}
 for name, case in cases.items():
     if case["op"] == "align":
         out[name] = align_pairs_to_experts(*case["args"])
+    elif case["op"] == "model":
+        model, spec = load_model(case["path"], torch.float32, "cpu")
+        out[name] = model_logits(model, spec, case["ids"])
     else:
         out[name] = fused_moe_triton(*case["args"], config=case.get("config"))
 torch.save(out, sys.argv[2])
@@ -116,9 +123,50 @@ CASES = _build_cases()
 MOE_CASES = [name for name, case in CASES.items() if case["op"] == "moe"]
 
 
+MOE_FAMILIES = ("sdar_moe", "llada2_moe")
+
+
+def _randomised(block: torch.nn.Module, seed: int) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
+    return block
+
+
+# The layers' own stacks and routing, fed to the kernel (ground truth: the layers' grouped CPU path).
+LAYER_TOKENS = _randn(13, 32, seed=9)
+LAYER_BLOCKS = {
+    "sdar": _randomised(SparseMoeBlock(32, 24, num_experts=6, top_k=2), seed=1),
+    "llada2": _randomised(GroupedSigmoidMoeBlock(32, 24, 8, 3, 4, 2, 2.5), seed=2),
+}
+
+
+@torch.no_grad()
+def _layer_case(block: torch.nn.Module) -> dict:
+    weights, ids = block.route(LAYER_TOKENS)
+    stacks = (block.experts.gate_up_weight, block.experts.down_weight)
+    return dict(op="moe", args=(LAYER_TOKENS, weights, ids, *stacks))
+
+
+CASES.update({f"layer-{name}": _layer_case(block) for name, block in LAYER_BLOCKS.items()})
+
+
 @pytest.fixture(scope="module")
-def kernel_out(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_interpreted(_CHILD, CASES, tmp_path_factory.mktemp("fused_moe"))
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("moe_ckpt")
+    return {f: write_tiny_checkpoint(f, folder / f, seed=3, with_tokenizer=False) for f in MOE_FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def kernel_out(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> dict:
+    """Every interpreted launch of this module in one child process (each child imports torch + triton)."""
+    from tests.test_models import _ids
+
+    cases = dict(CASES)
+    for family, path in checkpoints.items():
+        cases[f"model-{family}"] = dict(op="model", path=str(path), ids=_ids(37, 0))
+    return run_interpreted(_CHILD, cases, tmp_path_factory.mktemp("fused_moe"))
 
 
 # ---------------------------------------------------------------------------------------------- CPU
@@ -187,14 +235,6 @@ def test_alignment_groups_every_pair_once_by_expert(name: str, kernel_out: dict)
     ).all()
 
 
-def _randomised(block: torch.nn.Module, seed: int) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in block.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
-    return block
-
-
 def test_expert_weights_are_views_of_the_stacks() -> None:
     """One copy of the expert weights: the official per-expert parameters live inside the stacks, also
     after a dtype conversion, and the stacks hold gate rows then up rows."""
@@ -226,31 +266,25 @@ def test_loaded_checkpoint_lands_in_the_stacks(tmp_path: Path) -> None:
         assert torch.equal(experts.down_weight[e], tensors[prefix + "down_proj.weight"])
 
 
-_LAYER_CHILD = """
-import sys
-import torch
-from diffulex.kernels.fused_moe import fused_moe_triton
-
-cases = torch.load(sys.argv[1])
-torch.save({name: fused_moe_triton(*args) for name, args in cases.items()}, sys.argv[2])
-"""
-
-
-def test_fused_kernel_on_the_layers_stacks_equals_the_grouped_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", list(LAYER_BLOCKS))
+def test_fused_kernel_on_the_layers_stacks_equals_the_grouped_path(name: str, kernel_out: dict) -> None:
     """The layers' stacked weights, fed to the kernel with the layers' own routing, give what the grouped
     (CPU) path gives: the stack layout is the experts' layout, and LLaDA2 keeps its fp32 sum."""
-    tokens = _randn(13, 32, seed=9)
-    sdar = _randomised(SparseMoeBlock(32, 24, num_experts=6, top_k=2), seed=1)
-    llada2 = _randomised(GroupedSigmoidMoeBlock(32, 24, 8, 3, 4, 2, 2.5, num_shared_experts=0), seed=2)
-    cases, grouped = {}, {}
     with torch.no_grad():
-        for name, block in (("sdar", sdar), ("llada2", llada2)):
-            weights, ids = block.route(tokens)
-            cases[name] = (tokens, weights, ids, block.experts.gate_up_weight, block.experts.down_weight)
-            grouped[name] = block(tokens)
-    fused = run_interpreted(_LAYER_CHILD, cases, tmp_path)
-    for name in cases:
-        torch.testing.assert_close(fused[name], grouped[name], rtol=1e-5, atol=1e-6)
+        grouped = LAYER_BLOCKS[name](LAYER_TOKENS)
+    torch.testing.assert_close(kernel_out[f"layer-{name}"], grouped, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_models_on_the_fused_path_equal_the_grouped_path(
+    family: str, kernel_out: dict, checkpoints: dict[str, Path]
+) -> None:
+    """Whole SDAR-MoE and LLaDA2 models with the fused experts (as on CUDA) give the grouped path's logits."""
+    from tests.test_models import _ids, _max_rel_error, model_logits
+
+    model, spec = load_model(checkpoints[family], torch.float32, "cpu")
+    grouped = model_logits(model, spec, _ids(37, 0))
+    assert _max_rel_error(kernel_out[f"model-{family}"], grouped) <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------- GPU
