@@ -86,9 +86,9 @@ class StackedExperts(nn.ModuleList):
     def grouped_forward(
         self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, sum_dtype: torch.dtype
     ) -> torch.Tensor:
-        """The reference path: each expert over the rows routed to it (host-side grouping), weighted and
-        index-added in expert order into a ``sum_dtype`` accumulator (``weights`` multiply in their own
-        dtype promotion with the expert output cast to ``sum_dtype``)."""
+        """The reference path: each expert runs over the rows routed to it (host-side grouping); its output,
+        cast to ``sum_dtype``, times the routing weights is index-added in expert order into a ``sum_dtype``
+        accumulator (SDAR: the model dtype; LLaDA2: float32)."""
         out = torch.zeros(hidden.shape, dtype=sum_dtype, device=hidden.device)
         for expert_id, expert in enumerate(self):
             # A token picks distinct experts, so each row appears at most once per expert.
