@@ -1,0 +1,165 @@
+"""The training loop of the bundled tiny models: AdamW, warmup + cosine schedule, fixed step count.
+
+Seeded and deterministic for a fixed device: the suite, the tokenized rows, the initial weights and every
+batch (one ``torch.Generator`` on the device) follow from the seeds. On CUDA the forward runs under
+bf16 autocast with float32 master weights; the checkpoint is saved in bf16 (``write_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffulex.quality.checkpoint import load_tokenizer, model_config, write_checkpoint, write_tokenizer_files
+from diffulex.quality.tasks import make_suite
+from diffulex.quality.train_model import TinyDiffusionLM
+from diffulex.quality.training import BATCH_BUILDERS, diffusion_loss, tokenize_rows
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainOptions:
+    """Everything a training run depends on (recorded in the checkpoint's ``training.json``)."""
+
+    family: str
+    out_dir: str
+    steps: int = 4000
+    batch_size: int = 512
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    seed: int = 0
+    suite_seed: int = 0
+    train_per_task: int = 10_000
+    size: str = "default"
+    device: str = "auto"
+    log_every: int = 100
+    time_limit_s: float | None = None  # safety stop: saves what it has (the schedule is cut short)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the checkpoint folder, steps done and the last logged loss."""
+
+    out_dir: Path
+    steps_done: int
+    final_loss: float
+    elapsed_s: float
+    stopped_early: bool
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine down to ``min_ratio`` at ``total_steps``."""
+    warmup_steps = max(1, min(warmup_steps, total_steps // 10 or 1))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: TinyDiffusionLM, options: TrainOptions, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm weights are not decayed)."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": matrices, "weight_decay": options.weight_decay},
+        {"params": vectors, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=options.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def train(options: TrainOptions, log: Log = print) -> TrainResult:
+    """Train ``options.family`` on the task suite and write the checkpoint to ``options.out_dir``."""
+    device = resolve_device(options.device)
+    torch.manual_seed(options.seed)
+    config = model_config(options.family, options.size)
+    out_dir = write_tokenizer_files(options.family, options.out_dir)
+    tokenizer = load_tokenizer(out_dir)
+    train_rows, _ = make_suite(options.suite_seed, train_per_task=options.train_per_task)
+    rows = tokenize_rows(train_rows, tokenizer, options.family, int(config["mask_token_id"]), options.seed)
+    rows = rows.to(device)
+    model = TinyDiffusionLM(config).to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    log(
+        f"[{options.family}] {num_params / 1e6:.2f}M parameters, {len(train_rows)} training rows of "
+        f"{rows.sequences.shape[1]} tokens, {options.steps} steps x {options.batch_size} on {device}"
+    )
+    optimizer = build_optimizer(model, options, device)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(options.warmup_steps, options.steps, options.min_lr_ratio)
+    )
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    build_batch = BATCH_BUILDERS[options.family]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    start = time.monotonic()
+    running = torch.zeros((), device=device)
+    losses: list[tuple[int, float]] = []
+    steps_done, stopped_early = 0, False
+    model.train()
+    for step in range(options.steps):
+        batch = build_batch(rows, options.batch_size, generator)
+        with autocast:
+            logits = model(batch.input_ids, batch.positions, batch.visible, batch.logits_rows)
+        loss = diffusion_loss(logits, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        running += loss.detach()
+        steps_done = step + 1
+        last = steps_done == options.steps
+        if steps_done % options.log_every == 0 or last:
+            interval = (steps_done - 1) % options.log_every + 1
+            mean_loss = running.item() / interval  # the only host sync of the loop
+            running.zero_()
+            losses.append((steps_done, mean_loss))
+            elapsed = time.monotonic() - start
+            eta = elapsed / steps_done * (options.steps - steps_done)
+            log(
+                f"[{options.family}] step {steps_done}/{options.steps} loss {mean_loss:.4f} "
+                f"lr {schedule.get_last_lr()[0]:.2e} {elapsed:.0f}s elapsed, eta {eta:.0f}s"
+            )
+            if options.time_limit_s is not None and elapsed > options.time_limit_s and not last:
+                log(f"[{options.family}] time limit {options.time_limit_s}s reached: stopping early")
+                stopped_early = True
+                break
+    elapsed = time.monotonic() - start
+    record = {
+        "options": asdict(options),
+        "steps_done": steps_done,
+        "stopped_early": stopped_early,
+        "num_parameters": num_params,
+        "losses": losses,
+        "elapsed_s": round(elapsed, 1),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+    }
+    write_checkpoint(config, model.state_dict(), out_dir, extra_files={"training.json": record})
+    final = losses[-1][1] if losses else float("nan")
+    return TrainResult(out_dir, steps_done, final, elapsed, stopped_early, losses)
+
+
+__all__ = ["TrainOptions", "TrainResult", "build_optimizer", "resolve_device", "train", "warmup_cosine"]

@@ -1,0 +1,197 @@
+"""Training data layout and the two diffusion objectives of the bundled tiny models.
+
+Every training row is ``[chat prompt | answer, end-of-turn, <|endoftext|> ...]`` at positions 0, 1, ...
+(as the engine lays out ``prompt + generation region``); only response positions are ever masked. Each
+batch row gets a generation length drawn from ``GEN_LENGTHS`` (the evaluation uses 16, ``diffulex
+generate`` 64 by default), and positions past it are padding no query attends to.
+
+* LLaDA (masked diffusion SFT, bidirectional): t ~ U(0, 1) per row, each response token masked with
+  probability ``p = (1 - eps) t + eps``, cross-entropy on masked tokens weighted ``1 / p``, divided by
+  the number of response tokens. At inference ``vanilla`` forwards ``prompt + region`` bidirectionally:
+  the same view, partially masked.
+* SDAR (block diffusion): blocks are absolute (``position // block_size``), as in ``block_diffusion``;
+  the region ends at the block boundary after ``prompt + gen``; a prompt that ends mid-block shares its
+  last block with the first response tokens, which are masked while the prompt tokens stay. Two streams
+  are concatenated, ``[x_t ; x_0]`` at the same positions: a noisy token sees the noisy tokens of its own
+  block and the clean tokens of earlier blocks; a clean token sees clean tokens of its block and earlier
+  ones (block-causal). That is exactly the engine's view while it denoises a block over the K/V of the
+  clean, block-causally computed blocks before it. t is drawn per block; loss as for LLaDA.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from diffulex.quality.checkpoint import (
+    END_OF_TEXT,
+    END_OF_TURN,
+    SDAR_BLOCK_SIZE,
+    encode_prompts,
+)
+from diffulex.quality.tasks import Example
+
+GEN_LENGTHS = (16, 32, 64)
+GEN_WEIGHTS = (0.6, 0.25, 0.15)
+MASK_EPS = 1e-3
+
+
+@dataclass
+class TokenizedRows:
+    """Training rows as one tensor: ``sequences [N, max_len]`` (prompt, answer, end-of-turn, then
+    ``<|endoftext|>`` to the end of the row) and ``prompt_lens [N]``."""
+
+    sequences: torch.Tensor
+    prompt_lens: torch.Tensor
+    mask_token_id: int
+
+    def to(self, device: torch.device) -> TokenizedRows:
+        return TokenizedRows(self.sequences.to(device), self.prompt_lens.to(device), self.mask_token_id)
+
+
+@dataclass
+class Batch:
+    """One training batch: model inputs, and the targets/masks/weights of the first ``logits_rows``."""
+
+    input_ids: torch.Tensor  # [B, L]
+    positions: torch.Tensor  # [B, L]
+    visible: torch.Tensor  # [B, L, L] bool
+    targets: torch.Tensor  # [B, R]
+    masked: torch.Tensor  # [B, R] bool: the loss positions
+    weights: torch.Tensor  # [B, R] float: 1 / p_mask
+    num_response_tokens: torch.Tensor  # scalar: the loss normaliser
+    logits_rows: int
+    valid: torch.Tensor  # [B, R] bool: positions inside prompt + region (the rest is padding)
+
+
+def tokenize_rows(
+    examples: list[Example], tokenizer: Any, family: str, mask_token_id: int, seed: int
+) -> TokenizedRows:
+    """Tokenize training rows; a multi-answer row trains one of its valid answers (seeded choice)."""
+    rng = random.Random(f"{seed}:targets")
+    targets = [example.answers[rng.randrange(len(example.answers))] for example in examples]
+    prompts = encode_prompts(tokenizer, [example.prompt for example in examples])
+    answers = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    end_of_turn, end_of_text = tokenizer.convert_tokens_to_ids([END_OF_TURN[family], END_OF_TEXT])
+    longest = max(len(p) for p in prompts) + max(GEN_LENGTHS) + SDAR_BLOCK_SIZE
+    max_len = -(-longest // 16) * 16  # a multiple of 16 keeps attention kernels on their fast path
+    sequences = torch.full((len(examples), max_len), end_of_text, dtype=torch.long)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        if len(answer) + 1 > min(GEN_LENGTHS):
+            raise ValueError(f"answer {targets[row]!r} does not fit the shortest generation length")
+        tokens = [*prompt, *answer, end_of_turn]
+        sequences[row, : len(tokens)] = torch.tensor(tokens)
+    prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return TokenizedRows(sequences, prompt_lens, mask_token_id)
+
+
+def _sample_rows(
+    rows: TokenizedRows, batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row indices, their clean tokens ``x0`` and their generation lengths."""
+    device = rows.sequences.device
+    index = torch.randint(rows.sequences.shape[0], (batch_size,), generator=generator, device=device)
+    weights = torch.tensor(GEN_WEIGHTS, device=device)
+    choice = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+    gen_lens = torch.tensor(GEN_LENGTHS, device=device)[choice]
+    return index, rows.sequences[index], gen_lens
+
+
+def _mask_probability(t: torch.Tensor) -> torch.Tensor:
+    return (1 - MASK_EPS) * t + MASK_EPS
+
+
+def llada_batch(rows: TokenizedRows, batch_size: int, generator: torch.Generator) -> Batch:
+    """Masked-diffusion SFT batch: bidirectional over ``prompt + region``, one t per row."""
+    index, x0, gen_lens = _sample_rows(rows, batch_size, generator)
+    device, length = x0.device, x0.shape[1]
+    positions = torch.arange(length, device=device).expand(batch_size, length)
+    prompt_lens = rows.prompt_lens[index].unsqueeze(1)
+    valid = positions < prompt_lens + gen_lens.unsqueeze(1)
+    response = (positions >= prompt_lens) & valid
+    p_mask = _mask_probability(torch.rand(batch_size, 1, generator=generator, device=device))
+    masked = response & (torch.rand(batch_size, length, generator=generator, device=device) < p_mask)
+    eye = torch.eye(length, dtype=torch.bool, device=device)
+    visible = valid.unsqueeze(1) | eye  # padding keys hidden; a padding query sees itself (no NaN)
+    return Batch(
+        input_ids=torch.where(masked, rows.mask_token_id, x0),
+        positions=positions,
+        visible=visible,
+        targets=x0,
+        masked=masked,
+        weights=(1.0 / p_mask).expand(batch_size, length),
+        num_response_tokens=response.sum(),
+        logits_rows=length,
+        valid=valid,
+    )
+
+
+def block_diffusion_visibility(blocks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, 2L, 2L]`` visibility of the two-stream ``[x_t ; x_0]`` layout (see module docstring)."""
+    query_blocks, key_blocks = blocks.unsqueeze(-1), blocks.unsqueeze(-2)  # [B, L, 1], [B, 1, L]
+    keys = valid.unsqueeze(1)
+    noisy_to_noisy = (key_blocks == query_blocks) & keys
+    noisy_to_clean = (key_blocks < query_blocks) & keys
+    clean_to_clean = (key_blocks <= query_blocks) & keys
+    top = torch.cat((noisy_to_noisy, noisy_to_clean), dim=2)
+    bottom = torch.cat((torch.zeros_like(clean_to_clean), clean_to_clean), dim=2)
+    visible = torch.cat((top, bottom), dim=1)
+    eye = torch.eye(visible.shape[-1], dtype=torch.bool, device=visible.device)
+    return visible | eye  # padding queries see themselves (no NaN); real queries already do
+
+
+def sdar_batch(
+    rows: TokenizedRows, batch_size: int, generator: torch.Generator, block_size: int = SDAR_BLOCK_SIZE
+) -> Batch:
+    """Block-diffusion batch: two streams, absolute blocks, one t per block."""
+    index, x0, gen_lens = _sample_rows(rows, batch_size, generator)
+    device, length = x0.device, x0.shape[1]
+    positions = torch.arange(length, device=device).expand(batch_size, length)
+    prompt_lens = rows.prompt_lens[index].unsqueeze(1)
+    region_end = (prompt_lens + gen_lens.unsqueeze(1) + block_size - 1) // block_size * block_size
+    valid = positions < region_end
+    response = (positions >= prompt_lens) & valid
+    blocks = positions // block_size
+    num_blocks = -(-length // block_size)
+    t = torch.rand(batch_size, num_blocks, generator=generator, device=device)
+    p_mask = torch.gather(_mask_probability(t), 1, blocks)
+    masked = response & (torch.rand(batch_size, length, generator=generator, device=device) < p_mask)
+    x_t = torch.where(masked, rows.mask_token_id, x0)
+    return Batch(
+        input_ids=torch.cat((x_t, x0), dim=1),
+        positions=torch.cat((positions, positions), dim=1),
+        visible=block_diffusion_visibility(blocks, valid),
+        targets=x0,
+        masked=masked,
+        weights=1.0 / p_mask,
+        num_response_tokens=response.sum(),
+        logits_rows=length,
+        valid=valid,
+    )
+
+
+BATCH_BUILDERS = {"llada": llada_batch, "sdar": sdar_batch}
+
+
+def diffusion_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Sum over masked positions of ``CE / p_mask``, divided by the batch's response tokens."""
+    masked = batch.masked
+    losses = F.cross_entropy(logits[masked].float(), batch.targets[masked], reduction="none")
+    return (losses * batch.weights[masked]).sum() / batch.num_response_tokens.clamp(min=1)
+
+
+__all__ = [
+    "BATCH_BUILDERS",
+    "GEN_LENGTHS",
+    "Batch",
+    "TokenizedRows",
+    "block_diffusion_visibility",
+    "diffusion_loss",
+    "llada_batch",
+    "sdar_batch",
+    "tokenize_rows",
+]

@@ -1,0 +1,231 @@
+"""The quality suite: tasks and grading, the tiny tokenizer, the training models against the engine's
+models (logits, and the training layouts against the engine's view at inference), and the training and
+evaluation scripts end to end at toy size on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffulex.llm import LLM
+from diffulex.models.tiny_checkpoint import _llada_tensor_shapes, _sdar_tensor_shapes
+from diffulex.quality.checkpoint import (
+    SDAR_BLOCK_SIZE,
+    chat_prompt_renderer,
+    encode_prompts,
+    load_tokenizer,
+    model_config,
+    response_ids,
+    write_checkpoint,
+    write_tokenizer_files,
+)
+from diffulex.quality.tasks import MULTI_ANSWER_TASKS, README_DEMO_PROMPT, TASKS, Example, grade, make_suite
+from diffulex.quality.train_model import TinyDiffusionLM
+from diffulex.quality.training import BATCH_BUILDERS, diffusion_loss, tokenize_rows
+
+REPO = Path(__file__).resolve().parents[1]
+TENSOR_SHAPES = {"llada": _llada_tensor_shapes, "sdar": _sdar_tensor_shapes}
+
+
+# ----- tasks ----------------------------------------------------------------------------------------------
+def test_suite_is_deterministic_and_split_disjoint() -> None:
+    train, test = make_suite(3, train_per_task=300)
+    again_train, again_test = make_suite(3, train_per_task=300)
+    assert train == again_train and test == again_test
+    assert make_suite(4, train_per_task=300)[1] != test  # the seed matters
+    assert {example.task for example in test} == set(TASKS)
+    train_prompts = {example.prompt for example in train}
+    single = [example for example in test if example.task not in MULTI_ANSWER_TASKS]
+    assert single and not any(example.prompt in train_prompts for example in single)
+    assert README_DEMO_PROMPT in {example.prompt for example in test}
+    assert len({example.prompt for example in test}) == len(test)
+
+
+def test_suite_answers_are_right_and_fit_the_generation() -> None:
+    train, test = make_suite(0, train_per_task=200)
+    for example in train + test:
+        assert all(0 < len(answer) <= 14 for answer in example.answers), example
+        multi = example.task in MULTI_ANSWER_TASKS
+        assert (len(example.answers) > 1) == multi, example
+        words = example.prompt.rstrip("?.").split()
+        if example.task in ("addition", "subtraction", "multiplication"):
+            a, b = int(words[2]), int(words[4])
+            expected = {"addition": a + b, "subtraction": a - b, "multiplication": a * b}[example.task]
+            assert example.answers == (str(expected),)
+        elif example.task == "reverse":
+            assert example.answers == (words[-1][::-1],)
+        elif example.task == "sort":
+            assert example.answers == ("".join(sorted(words[-1])),)
+        elif example.task == "count":
+            assert example.answers == (str(words[-1].count(words[2])),)
+        elif example.task == "even_below":
+            assert set(example.answers) == {str(n) for n in range(int(words[-1])) if n % 2 == 0}
+
+
+def test_grade_strips_whitespace_and_checks_membership() -> None:
+    single = Example("multiplication", README_DEMO_PROMPT, ("345",))
+    assert grade(single, " 345\n") and not grade(single, "3450") and not grade(single, "")
+    several = Example("any_capital", "Name a capital city.", ("Paris", "Rome"))
+    assert grade(several, "Rome") and grade(several, "Paris ")
+    assert not grade(several, "Parome") and not grade(several, "Paris Rome")
+
+
+# ----- tokenizer and chat template ------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llada", "sdar"])
+def test_tokenizer_round_trips_and_renders_the_chat_template(family: str, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    write_tokenizer_files(family, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), config=PretrainedConfig())
+    text = "Reverse: abc {x}\n~ 15 times 23?"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tokenizer.decode(ids) == text  # one token per character
+    messages = [{"role": "user", "content": README_DEMO_PROMPT}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert README_DEMO_PROMPT in rendered and rendered.endswith("\n")
+    assert rendered.rstrip("\n").endswith("assistant" if family == "sdar" else "<|end_header_id|>")
+    assert chat_prompt_renderer(tokenizer)(README_DEMO_PROMPT) == rendered
+    [prompt_ids] = encode_prompts(tokenizer, [README_DEMO_PROMPT])
+    assert tokenizer.decode(prompt_ids) == rendered
+    assert len(prompt_ids) < len(rendered)  # the special tokens are single ids
+    response = response_ids(family, tokenizer, "345", 8)
+    tokens = tokenizer.convert_ids_to_tokens(response)
+    end_of_turn = "<|eot_id|>" if family == "llada" else "<|im_end|>"
+    assert tokens == ["3", "4", "5", end_of_turn] + ["<|endoftext|>"] * 4
+
+
+# ----- training model == engine model ---------------------------------------------------------------------
+def _random_model(family: str, seed: int) -> TinyDiffusionLM:
+    torch.manual_seed(seed)
+    model = TinyDiffusionLM(model_config(family, "toy"))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn_like(param))  # norms away from 1, larger weights: peaky logits
+    return model
+
+
+@pytest.fixture(scope="module", params=["llada", "sdar"])
+def saved_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(family, training model, engine LLM of its float32 checkpoint)."""
+    family = request.param
+    model = _random_model(family, seed=7)
+    path = write_checkpoint(
+        model_config(family, "toy"), model.state_dict(), tmp_path_factory.mktemp(family), dtype=torch.float32
+    )
+    return family, model, LLM(str(path), device="cpu", dtype="float32", max_model_len=512)
+
+
+def test_training_model_saves_the_official_tensor_names(saved_pair) -> None:
+    family, model, _ = saved_pair
+    expected = TENSOR_SHAPES[family](model_config(family, "toy"))
+    assert {name: tuple(t.shape) for name, t in model.state_dict().items()} == expected
+
+
+def test_training_model_logits_equal_the_engine(saved_pair) -> None:
+    family, model, llm = saved_pair
+    ids = torch.randint(0, 100, (23,), generator=torch.Generator().manual_seed(1))
+    expected = llm.forward_logits(ids.tolist())
+    positions = torch.arange(23)
+    if family == "llada":
+        visible = torch.ones(23, 23, dtype=torch.bool)
+    else:
+        blocks = positions // SDAR_BLOCK_SIZE
+        visible = blocks[None, :] <= blocks[:, None]
+    with torch.no_grad():
+        logits = model(ids[None], positions[None], visible[None])[0]
+    assert expected.abs().max() > 1.0  # not a degenerate model
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_training_batches_match_the_engine_view(saved_pair) -> None:
+    """Every row of a training batch, padding included, computes what the engine computes at inference:
+    LLaDA the bidirectional forward of prompt + region; SDAR, for each block, the forward of the clean
+    earlier blocks plus the noisy block (the view of ``block_diffusion`` over its cache)."""
+    family, model, llm = saved_pair
+    tokenizer = llm.tokenizer
+    examples = [Example("copy", "Repeat: ab", ("ab",)), Example("copy", "Repeat: abcdefgh", ("abcdefgh",))]
+    rows = tokenize_rows(examples, tokenizer, family, llm.engine.mask_token_id, seed=0)
+    batch = BATCH_BUILDERS[family](rows, 2, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(batch.input_ids, batch.positions, batch.visible, batch.logits_rows)
+    assert torch.isfinite(diffusion_loss(logits, batch))
+    noisy = batch.input_ids[:, : batch.logits_rows]
+    assert (noisy == llm.engine.mask_token_id).any()
+    for row in range(2):
+        length = int(batch.valid[row].sum())
+        if family == "llada":
+            expected = llm.forward_logits(noisy[row, :length].tolist())
+            torch.testing.assert_close(logits[row, :length], expected, atol=1e-4, rtol=0)
+            continue
+        assert length % SDAR_BLOCK_SIZE == 0
+        # The first block (prompt only), the first six blocks holding masks and the last block.
+        masked_blocks = (batch.masked[row].nonzero().flatten() // SDAR_BLOCK_SIZE).unique().tolist()
+        starts = {0, length - SDAR_BLOCK_SIZE, *(b * SDAR_BLOCK_SIZE for b in masked_blocks[:6])}
+        for start in sorted(starts):
+            end = start + SDAR_BLOCK_SIZE
+            view = batch.targets[row, :start].tolist() + noisy[row, start:end].tolist()
+            expected = llm.forward_logits(view)[start:end]
+            torch.testing.assert_close(logits[row, start:end], expected, atol=1e-4, rtol=0)
+
+
+# ----- scripts end to end ---------------------------------------------------------------------------------
+def _run(script: str, *args: str) -> str:
+    # One thread: the toy model gains nothing from two, and OpenMP threads spin badly on a busy machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "scripts" / script), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("toy") / "tiny-llada"
+    stdout = _run(
+        "train_tiny.py",
+        *("--family", "llada", "--out", str(out), "--size", "toy", "--steps", "20", "--batch-size", "8"),
+        *("--train-per-task", "20", "--log-every", "10", "--device", "cpu", "--eval-limit", "4"),
+    )
+    assert "step 20/20" in stdout and "engine check" in stdout
+    return out
+
+
+def test_train_tiny_writes_a_checkpoint_the_engine_generates_from(toy_checkpoint: Path) -> None:
+    record = json.loads((toy_checkpoint / "training.json").read_text())
+    assert record["steps_done"] == 20 and len(record["losses"]) == 2
+    config = json.loads((toy_checkpoint / "config.json").read_text())
+    assert config["model_type"] == "llada" and config["torch_dtype"] == "bfloat16"
+    llm = LLM(str(toy_checkpoint), device="cpu", dtype="float32", max_model_len=256)
+    [output] = llm.generate(encode_prompts(load_tokenizer(toy_checkpoint), [README_DEMO_PROMPT]))
+    assert output.finish_reason in ("stop", "length") and output.num_forwards > 0
+    assert output.text is not None
+
+
+def test_eval_quality_writes_its_report(toy_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "quality.md"
+    _run(
+        "eval_quality.py",
+        *("--model", str(toy_checkpoint), "--limit", "4", "--device", "cpu", "--out", str(out)),
+        *("--strategies", "vanilla,d2f", "--thresholds", "0.9"),
+    )
+    report = json.loads(out.with_suffix(".json").read_text())
+    [model] = report["models"]
+    labels = [result["label"] for result in model["results"]]
+    assert labels == ["vanilla (steps=16)", "vanilla (steps=8)", "vanilla (steps=4)"] + [
+        "vanilla threshold (threshold=0.9)",
+        "d2f (threshold=0.9)",
+    ]
+    for result in model["results"]:
+        assert result["num_examples"] == 4 and not result["errors"]
+        assert 0 < result["forwards_per_answer"]
+        if result["steps"] is not None:  # the fixed schedule never exceeds its steps (EOS can stop it early)
+            assert result["forwards_per_answer"] <= result["steps"]
+    text = out.read_text()
+    assert "vanilla (steps=16)" in text and "quality.png" in text
+    assert out.with_suffix(".png").stat().st_size > 1000
