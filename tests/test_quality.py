@@ -151,7 +151,7 @@ def test_training_batches_match_the_engine_view(saved_pair) -> None:
     tokenizer = llm.tokenizer
     examples = [Example("copy", "Repeat: ab", ("ab",)), Example("copy", "Repeat: abcdefgh", ("abcdefgh",))]
     rows = tokenize_rows(examples, tokenizer, family, llm.engine.mask_token_id, seed=0)
-    batch = BATCH_BUILDERS[family](rows, 2, torch.Generator().manual_seed(3))
+    batch = BATCH_BUILDERS[family](rows, 2, torch.Generator().manual_seed(3), gen_len=32)
     with torch.no_grad():
         logits = model(batch.input_ids, batch.positions, batch.visible, batch.logits_rows)
     assert torch.isfinite(diffusion_loss(logits, batch))

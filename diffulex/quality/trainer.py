@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import platform
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ import torch
 from diffulex.quality.checkpoint import load_tokenizer, model_config, write_checkpoint, write_tokenizer_files
 from diffulex.quality.tasks import make_suite
 from diffulex.quality.train_model import TinyDiffusionLM
-from diffulex.quality.training import BATCH_BUILDERS, diffusion_loss, tokenize_rows
+from diffulex.quality.training import BATCH_BUILDERS, choose_gen_length, diffusion_loss, tokenize_rows
 
 Log = Callable[[str], None]
 
@@ -108,6 +109,7 @@ def train(options: TrainOptions, log: Log = print) -> TrainResult:
         optimizer, warmup_cosine(options.warmup_steps, options.steps, options.min_lr_ratio)
     )
     generator = torch.Generator(device=device).manual_seed(options.seed)
+    lengths = random.Random(f"{options.seed}:gen_lengths")  # host-side: no device sync per batch
     build_batch = BATCH_BUILDERS[options.family]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -117,7 +119,7 @@ def train(options: TrainOptions, log: Log = print) -> TrainResult:
     steps_done, stopped_early = 0, False
     model.train()
     for step in range(options.steps):
-        batch = build_batch(rows, options.batch_size, generator)
+        batch = build_batch(rows, options.batch_size, generator, choose_gen_length(lengths))
         with autocast:
             logits = model(batch.input_ids, batch.positions, batch.visible, batch.logits_rows)
         loss = diffusion_loss(logits, batch)

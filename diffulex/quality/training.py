@@ -2,8 +2,9 @@
 
 Every training row is ``[chat prompt | answer, end-of-turn, <|endoftext|> ...]`` at positions 0, 1, ...
 (as the engine lays out ``prompt + generation region``); only response positions are ever masked. Each
-batch row gets a generation length drawn from ``GEN_LENGTHS`` (the evaluation uses 16, ``diffulex
-generate`` 64 by default), and positions past it are padding no query attends to.
+batch gets one generation length drawn from ``GEN_LENGTHS`` (the evaluation uses 16, ``diffulex
+generate`` 64 by default; ``choose_gen_length``), so it is only as long as the longest prompt plus that
+length; positions past a row's region are padding no query attends to.
 
 * LLaDA (masked diffusion SFT, bidirectional): t ~ U(0, 1) per row, each response token masked with
   probability ``p = (1 - eps) t + eps``, cross-entropy on masked tokens weighted ``1 / p``, divided by
@@ -48,9 +49,16 @@ class TokenizedRows:
     sequences: torch.Tensor
     prompt_lens: torch.Tensor
     mask_token_id: int
+    max_prompt_len: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.sequences.device
 
     def to(self, device: torch.device) -> TokenizedRows:
-        return TokenizedRows(self.sequences.to(device), self.prompt_lens.to(device), self.mask_token_id)
+        return TokenizedRows(
+            self.sequences.to(device), self.prompt_lens.to(device), self.mask_token_id, self.max_prompt_len
+        )
 
 
 @dataclass
@@ -77,8 +85,8 @@ def tokenize_rows(
     prompts = encode_prompts(tokenizer, [example.prompt for example in examples])
     answers = tokenizer(targets, add_special_tokens=False)["input_ids"]
     end_of_turn, end_of_text = tokenizer.convert_tokens_to_ids([END_OF_TURN[family], END_OF_TEXT])
-    longest = max(len(p) for p in prompts) + max(GEN_LENGTHS) + SDAR_BLOCK_SIZE
-    max_len = -(-longest // 16) * 16  # a multiple of 16 keeps attention kernels on their fast path
+    max_prompt_len = max(len(p) for p in prompts)
+    max_len = _round16(max_prompt_len + max(GEN_LENGTHS) + SDAR_BLOCK_SIZE)
     sequences = torch.full((len(examples), max_len), end_of_text, dtype=torch.long)
     for row, (prompt, answer) in enumerate(zip(prompts, answers)):
         if len(answer) + 1 > min(GEN_LENGTHS):
@@ -86,32 +94,41 @@ def tokenize_rows(
         tokens = [*prompt, *answer, end_of_turn]
         sequences[row, : len(tokens)] = torch.tensor(tokens)
     prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    return TokenizedRows(sequences, prompt_lens, mask_token_id)
+    return TokenizedRows(sequences, prompt_lens, mask_token_id, max_prompt_len)
+
+
+def _round16(length: int) -> int:
+    return -(-length // 16) * 16  # a multiple of 16 keeps attention kernels on their fast path
+
+
+def choose_gen_length(rng: random.Random) -> int:
+    """A batch's generation length (one per batch: three static shapes, little padding)."""
+    return rng.choices(GEN_LENGTHS, weights=GEN_WEIGHTS)[0]
 
 
 def _sample_rows(
-    rows: TokenizedRows, batch_size: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row indices, their clean tokens ``x0`` and their generation lengths."""
-    device = rows.sequences.device
-    index = torch.randint(rows.sequences.shape[0], (batch_size,), generator=generator, device=device)
-    weights = torch.tensor(GEN_WEIGHTS, device=device)
-    choice = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-    gen_lens = torch.tensor(GEN_LENGTHS, device=device)[choice]
-    return index, rows.sequences[index], gen_lens
+    rows: TokenizedRows, batch_size: int, generator: torch.Generator, gen_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices and their clean tokens ``x0``, cut to the longest prompt plus ``gen_len`` (and a block
+    of slack for SDAR's region end), rounded up to a multiple of 16."""
+    if gen_len not in GEN_LENGTHS:
+        raise ValueError(f"gen_len must be one of {GEN_LENGTHS}, got {gen_len}")
+    index = torch.randint(rows.sequences.shape[0], (batch_size,), generator=generator, device=rows.device)
+    length = _round16(rows.max_prompt_len + gen_len + SDAR_BLOCK_SIZE)
+    return index, rows.sequences[index, :length]
 
 
 def _mask_probability(t: torch.Tensor) -> torch.Tensor:
     return (1 - MASK_EPS) * t + MASK_EPS
 
 
-def llada_batch(rows: TokenizedRows, batch_size: int, generator: torch.Generator) -> Batch:
+def llada_batch(rows: TokenizedRows, batch_size: int, generator: torch.Generator, gen_len: int) -> Batch:
     """Masked-diffusion SFT batch: bidirectional over ``prompt + region``, one t per row."""
-    index, x0, gen_lens = _sample_rows(rows, batch_size, generator)
+    index, x0 = _sample_rows(rows, batch_size, generator, gen_len)
     device, length = x0.device, x0.shape[1]
     positions = torch.arange(length, device=device).expand(batch_size, length)
     prompt_lens = rows.prompt_lens[index].unsqueeze(1)
-    valid = positions < prompt_lens + gen_lens.unsqueeze(1)
+    valid = positions < prompt_lens + gen_len
     response = (positions >= prompt_lens) & valid
     p_mask = _mask_probability(torch.rand(batch_size, 1, generator=generator, device=device))
     masked = response & (torch.rand(batch_size, length, generator=generator, device=device) < p_mask)
@@ -145,14 +162,18 @@ def block_diffusion_visibility(blocks: torch.Tensor, valid: torch.Tensor) -> tor
 
 
 def sdar_batch(
-    rows: TokenizedRows, batch_size: int, generator: torch.Generator, block_size: int = SDAR_BLOCK_SIZE
+    rows: TokenizedRows,
+    batch_size: int,
+    generator: torch.Generator,
+    gen_len: int,
+    block_size: int = SDAR_BLOCK_SIZE,
 ) -> Batch:
     """Block-diffusion batch: two streams, absolute blocks, one t per block."""
-    index, x0, gen_lens = _sample_rows(rows, batch_size, generator)
+    index, x0 = _sample_rows(rows, batch_size, generator, gen_len)
     device, length = x0.device, x0.shape[1]
     positions = torch.arange(length, device=device).expand(batch_size, length)
     prompt_lens = rows.prompt_lens[index].unsqueeze(1)
-    region_end = (prompt_lens + gen_lens.unsqueeze(1) + block_size - 1) // block_size * block_size
+    region_end = (prompt_lens + gen_len + block_size - 1) // block_size * block_size
     valid = positions < region_end
     response = (positions >= prompt_lens) & valid
     blocks = positions // block_size
@@ -190,6 +211,7 @@ __all__ = [
     "Batch",
     "TokenizedRows",
     "block_diffusion_visibility",
+    "choose_gen_length",
     "diffusion_loss",
     "llada_batch",
     "sdar_batch",
