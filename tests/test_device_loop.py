@@ -91,3 +91,22 @@ def test_device_loop_stops_at_eos_like_per_step(make_llm, tiny_sdar) -> None:
         expected.num_forwards,
         expected.finish_reason,
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fuse_block_store", [False, True])
+def test_device_loop_on_gpu_graphs_equals_cpu(make_llm, tiny_sdar, fuse_block_store) -> None:
+    """The loop over replayed CUDA graphs (fp32: no TF32) gives the CPU's per-step tokens and forwards."""
+    params = SamplingParams(max_tokens=24, steps=24, ignore_eos=True)
+    options = {"strategy": "block_diffusion", "remasking": "static", "fuse_block_store": fuse_block_store}
+    cpu = make_llm(tiny_sdar, denoise_iterations_per_sync=1, **options)
+    gpu = make_llm(tiny_sdar, device="cuda", dtype="float32", denoise_iterations_per_sync=8, **options)
+    assert gpu.engine.runner.graph_sets
+    for prompts in (PROMPTS[:1], PROMPTS):
+        expected = cpu.generate(prompts, params)
+        before = gpu.engine.num_steps
+        got = gpu.generate(prompts, params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+        assert [o.num_forwards for o in got] == [o.num_forwards for o in expected]
+    assert gpu.engine.num_steps - before < sum(o.num_forwards for o in got)
