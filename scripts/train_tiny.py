@@ -46,6 +46,12 @@ def parse_args() -> argparse.Namespace:
         help="safety stop: save and stop after this many seconds (the LR schedule is then cut short)",
     )
     parser.add_argument(
+        "--d2f-fraction",
+        type=float,
+        default=defaults.d2f_fraction,
+        help="llada: share of batches in D2F's block-causal pipelined layout (for d2f/multi_bd decoding)",
+    )
+    parser.add_argument(
         "--eval-limit", type=int, default=100, help="test examples of the final check (0: skip)"
     )
     return parser.parse_args()
@@ -68,6 +74,7 @@ def main() -> None:
         device=args.device,
         log_every=args.log_every,
         time_limit_s=args.time_limit_s,
+        d2f_fraction=args.d2f_fraction,
     )
     result = train(options, log=lambda line: print(line, flush=True))
     print(

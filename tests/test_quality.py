@@ -174,6 +174,25 @@ def test_training_batches_match_the_engine_view(saved_pair) -> None:
             torch.testing.assert_close(logits[row, start:end], expected, atol=1e-4, rtol=0)
 
 
+def test_d2f_batches_follow_the_pipelined_block_layout(tmp_path: Path) -> None:
+    """The optional LLaDA D2F layout: prompt = block 0 (sees itself), region blocks of 4 after it, a query
+    sees its own and earlier blocks, padding nothing; mask ratios do not decrease along the blocks."""
+    tokenizer = load_tokenizer(write_tokenizer_files("llada", tmp_path))
+    examples = [Example("copy", "Repeat: ab", ("ab",)), Example("copy", "Repeat: abcdefgh", ("abcdefgh",))]
+    rows = tokenize_rows(examples, tokenizer, "llada", 103, seed=0)
+    batch = BATCH_BUILDERS["llada_d2f"](rows, 4, torch.Generator().manual_seed(0), gen_len=16)
+    assert torch.isfinite(diffusion_loss(torch.randn(*batch.targets.shape, 104), batch))
+    for row in range(4):
+        length = int(batch.valid[row].sum())
+        prompt = length - 16
+        positions = torch.arange(batch.targets.shape[1])
+        blocks = torch.where(positions < prompt, 0, (positions - prompt) // 4 + 1)
+        expected = (blocks[None, :] <= blocks[:, None]) & (positions[None, :] < length)
+        expected |= torch.eye(len(positions), dtype=torch.bool)
+        assert torch.equal(batch.visible[row], expected)
+        assert not batch.masked[row, :prompt].any() and not batch.masked[row, length:].any()
+
+
 # ----- scripts end to end ---------------------------------------------------------------------------------
 def _run(script: str, *args: str) -> str:
     # One thread: the toy model gains nothing from two, and OpenMP threads spin badly on a busy machine.
@@ -191,6 +210,7 @@ def toy_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "train_tiny.py",
         *("--family", "llada", "--out", str(out), "--size", "toy", "--steps", "20", "--batch-size", "8"),
         *("--train-per-task", "20", "--log-every", "10", "--device", "cpu", "--eval-limit", "4"),
+        *("--d2f-fraction", "0.5"),
     )
     assert "step 20/20" in stdout and "engine check" in stdout
     return out
@@ -199,6 +219,7 @@ def toy_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_train_tiny_writes_a_checkpoint_the_engine_generates_from(toy_checkpoint: Path) -> None:
     record = json.loads((toy_checkpoint / "training.json").read_text())
     assert record["steps_done"] == 20 and len(record["losses"]) == 2
+    assert record["options"]["d2f_fraction"] == 0.5
     config = json.loads((toy_checkpoint / "config.json").read_text())
     assert config["model_type"] == "llada" and config["torch_dtype"] == "bfloat16"
     llm = LLM(str(toy_checkpoint), device="cpu", dtype="float32", max_model_len=256)

@@ -44,6 +44,7 @@ class TrainOptions:
     device: str = "auto"
     log_every: int = 100
     time_limit_s: float | None = None  # safety stop: saves what it has (the schedule is cut short)
+    d2f_fraction: float = 0.0  # LLaDA only: share of batches in D2F's block-causal layout
 
 
 @dataclass
@@ -110,7 +111,8 @@ def train(options: TrainOptions, log: Log = print) -> TrainResult:
     )
     generator = torch.Generator(device=device).manual_seed(options.seed)
     lengths = random.Random(f"{options.seed}:gen_lengths")  # host-side: no device sync per batch
-    build_batch = BATCH_BUILDERS[options.family]
+    if options.d2f_fraction and options.family != "llada":
+        raise ValueError("d2f_fraction applies to the llada family only")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     start = time.monotonic()
@@ -119,7 +121,8 @@ def train(options: TrainOptions, log: Log = print) -> TrainResult:
     steps_done, stopped_early = 0, False
     model.train()
     for step in range(options.steps):
-        batch = build_batch(rows, options.batch_size, generator, choose_gen_length(lengths))
+        layout = "llada_d2f" if lengths.random() < options.d2f_fraction else options.family
+        batch = BATCH_BUILDERS[layout](rows, options.batch_size, generator, choose_gen_length(lengths))
         with autocast:
             logits = model(batch.input_ids, batch.positions, batch.visible, batch.logits_rows)
         loss = diffusion_loss(logits, batch)

@@ -17,6 +17,8 @@ length; positions past a row's region are padding no query attends to.
   block and the clean tokens of earlier blocks; a clean token sees clean tokens of its block and earlier
   ones (block-causal). That is exactly the engine's view while it denoises a block over the K/V of the
   clean, block-causally computed blocks before it. t is drawn per block; loss as for LLaDA.
+* Optionally (``TrainOptions.d2f_fraction``), a share of LLaDA's batches uses D2F's pipelined layout
+  (``d2f_batch``), so that the same model also serves ``d2f``/``multi_bd``'s block-causal attention.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from diffulex.quality.tasks import Example
 GEN_LENGTHS = (16, 32, 64)
 GEN_WEIGHTS = (0.6, 0.25, 0.15)
 MASK_EPS = 1e-3
+D2F_BLOCK_SIZE = 4  # the block size ``d2f``/``multi_bd`` are evaluated with
 
 
 @dataclass
@@ -195,7 +198,44 @@ def sdar_batch(
     )
 
 
-BATCH_BUILDERS = {"llada": llada_batch, "sdar": sdar_batch}
+def d2f_batch(
+    rows: TokenizedRows,
+    batch_size: int,
+    generator: torch.Generator,
+    gen_len: int,
+    block_size: int = D2F_BLOCK_SIZE,
+) -> Batch:
+    """Optional LLaDA batch in D2F's pipelined layout: the prompt is block 0, the region blocks of
+    ``block_size`` follow it; one stream, block-causal (a block sees the prompt, earlier blocks and itself);
+    mask ratios increase block by block (sorted t), as earlier blocks are further decoded when ``d2f`` or
+    ``multi_bd`` denoise several blocks at once. Trains the attention pattern those strategies use."""
+    index, x0 = _sample_rows(rows, batch_size, generator, gen_len)
+    device, length = x0.device, x0.shape[1]
+    positions = torch.arange(length, device=device).expand(batch_size, length)
+    prompt_lens = rows.prompt_lens[index].unsqueeze(1)
+    valid = positions < prompt_lens + gen_len
+    response = (positions >= prompt_lens) & valid
+    blocks = torch.where(response, (positions - prompt_lens) // block_size + 1, 0)
+    blocks = torch.where(valid, blocks, length)  # padding: a block of its own after every real one
+    t = torch.rand(batch_size, -(-max(GEN_LENGTHS) // block_size) + 1, generator=generator, device=device)
+    p_mask = torch.gather(_mask_probability(t.sort(dim=1).values), 1, blocks.clamp(max=t.shape[1] - 1))
+    masked = response & (torch.rand(batch_size, length, generator=generator, device=device) < p_mask)
+    eye = torch.eye(length, dtype=torch.bool, device=device)
+    visible = ((blocks.unsqueeze(-2) <= blocks.unsqueeze(-1)) & valid.unsqueeze(1)) | eye
+    return Batch(
+        input_ids=torch.where(masked, rows.mask_token_id, x0),
+        positions=positions,
+        visible=visible,
+        targets=x0,
+        masked=masked,
+        weights=1.0 / p_mask,
+        num_response_tokens=response.sum(),
+        logits_rows=length,
+        valid=valid,
+    )
+
+
+BATCH_BUILDERS = {"llada": llada_batch, "sdar": sdar_batch, "llada_d2f": d2f_batch}
 
 
 def diffusion_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -212,6 +252,7 @@ __all__ = [
     "TokenizedRows",
     "block_diffusion_visibility",
     "choose_gen_length",
+    "d2f_batch",
     "diffusion_loss",
     "llada_batch",
     "sdar_batch",
