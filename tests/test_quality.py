@@ -250,3 +250,20 @@ def test_eval_quality_writes_its_report(toy_checkpoint: Path, tmp_path: Path) ->
     text = out.read_text()
     assert "vanilla (steps=16)" in text and "quality.png" in text
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llada", "sdar"])
+def test_training_runs_on_cuda_with_bf16_autocast(family: str, tmp_path: Path) -> None:
+    """The CUDA path (device generator, bf16 autocast, fused AdamW) trains, saves and loads in the engine."""
+    from diffulex.quality.trainer import TrainOptions, train
+
+    options = TrainOptions(
+        family, str(tmp_path), steps=30, batch_size=32, size="toy", train_per_task=50, log_every=10
+    )
+    result = train(options, log=lambda line: None)
+    assert result.steps_done == 30 and result.losses[-1][1] < result.losses[0][1]  # it learns
+    llm = LLM(str(tmp_path), device="cuda", max_model_len=256)
+    [output] = llm.generate(encode_prompts(llm.tokenizer, [README_DEMO_PROMPT]))
+    assert output.finish_reason in ("stop", "length") and output.num_forwards > 0
