@@ -8,6 +8,8 @@ child process per module (``tests/interpreter.py``); GPU tests live in ``test_ke
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffulex.kernels.philox import philox_uniform, philox_words
@@ -19,8 +21,9 @@ from diffulex.kernels.sampling import (
     sampling_noise,
 )
 
+from diffulex.engine.model_runner import ModelRunner
 from diffulex.sampling.confidence import sample_tokens
-from diffulex.step import SampleSpec
+from diffulex.step import SampleSpec, step_seed
 from tests.interpreter import run_interpreted
 
 INF = float("inf")
@@ -39,9 +42,34 @@ def noise_kernel(out_ptr, seeds_ptr, streams_ptr, V, BLOCK: tl.constexpr):
     u = _noise_uniforms(tl.load(seeds_ptr + row), tl.load(streams_ptr + row), offs)
     tl.store(out_ptr + row * V + offs, u, mask=offs < V)
 
+def runner_sample(case):
+    # ModelRunner._sample on CPU logits, its fused gate shown CUDA logits (the kernels run interpreted).
+    from types import SimpleNamespace
+    from diffulex.engine.model_runner import ModelRunner
+    from diffulex.step import SampleSpec, SequencePlan, StepPlan
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.config = SimpleNamespace(fused_sampling=True)
+    gate = ModelRunner._fused
+    runner._fused = lambda logits, spec, sampling: gate(runner, SimpleNamespace(is_cuda=True), spec, sampling)
+    seqs = [
+        SequencePlan(
+            request_id=str(k), token_ids=[0] * s["rows"], positions=list(range(s["rows"])),
+            block_ids=[0] * s["rows"], sample_indices=list(range(s["rows"])),
+            sample=SampleSpec(**s["spec"]), step_index=s["step"],
+        )
+        for k, s in enumerate(case["seqs"])
+    ]
+    plan = StepPlan.pack(seqs, [[0]] * len(seqs), page_size=16)
+    out = runner._sample(plan, case["logits"], case["mask"])
+    return [(torch.from_numpy(o.token_ids), torch.from_numpy(o.confidences)) for o in out.sequences]
+
 cases = torch.load(sys.argv[1])
 out = {}
 for name, case in cases.items():
+    if name.startswith("runner"):
+        out[name] = runner_sample(case)
+        continue
     if name == "noise":
         u = torch.full((case["seeds"].shape[0], case["vocab"]), -1.0)
         noise_kernel[(u.shape[0],)](u, case["seeds"], case["streams"], case["vocab"], BLOCK=512)
@@ -136,6 +164,34 @@ def _build_cases() -> dict[str, dict]:
     seeds, streams = _row_streams(99)
     seeds[3] = -5  # read as a 64-bit pattern by both
     cases["noise"] = dict(seeds=seeds, streams=streams, vocab=300)
+    cases.update(_runner_cases())
+    return cases
+
+
+# The runner's sequences: name → (spec, step index, sampled rows). "d" has top-k, so it keeps the torch path.
+RUNNER_SEQS = {
+    "a": (dict(temperature=0.8, seed=1), 3, 4),
+    "b": (dict(temperature=0.0), 0, 3),
+    "c": (dict(temperature=1.5, policy="random", seed=2), 0, 2),
+    "d": (dict(temperature=0.5, top_k=5, seed=3), 1, 3),
+    "e": (dict(temperature=1.2, seed=4), 7, 2),
+}
+RUNNER_BATCHES = {"runner-all": "abcde", "runner-a": "a", "runner-ea": "ea"}
+RUNNER_VOCAB = 200
+
+
+def _runner_logits(name: str) -> torch.Tensor:
+    """The logits of one sequence, the same in every batch it joins."""
+    g = torch.Generator().manual_seed(ord(name))
+    return torch.randn(RUNNER_SEQS[name][2], RUNNER_VOCAB, generator=g) * 3
+
+
+def _runner_cases() -> dict[str, dict]:
+    cases = {}
+    for case_name, names in RUNNER_BATCHES.items():
+        seqs = [dict(spec=RUNNER_SEQS[n][0], step=RUNNER_SEQS[n][1], rows=RUNNER_SEQS[n][2]) for n in names]
+        logits = torch.cat([_runner_logits(n) for n in names])
+        cases[case_name] = dict(seqs=seqs, logits=logits, mask=_mask_id(RUNNER_VOCAB))
     return cases
 
 
@@ -166,7 +222,7 @@ def test_noise_twin_equals_tl_rand(kernel_out: dict) -> None:
     assert float(uniforms.min()) >= 0.0 and float(uniforms.max()) < 1.0
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n != "noise" and not n.startswith("flat")])
+@pytest.mark.parametrize("name", [n for n in CASES if n != "noise" and not n.startswith(("flat", "runner"))])
 def test_kernel_matches_reference_with_same_noise(name: str, kernel_out: dict) -> None:
     case = CASES[name]
     ids, conf = kernel_out[name]
@@ -281,3 +337,43 @@ def test_bad_arguments() -> None:
         sample_confidence_reference(x, 0, "probability", temps, torch.rand(2, 7))
     ids, conf = sample_confidence_triton(x[:0], 0, "random", temps[:0], seeds[:0], streams[:0])
     assert ids.shape == (0,) and conf.dtype == torch.float64
+
+
+def _runner_expected(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What one sequence of the runner must get, from the references alone."""
+    spec_args, step, rows = RUNNER_SEQS[name]
+    spec = SampleSpec(**spec_args)
+    logits, mask = _runner_logits(name), _mask_id(RUNNER_VOCAB)
+    if spec.temperature == 0:
+        return greedy_confidence_reference(logits, mask, spec.policy)
+    seed = step_seed(spec.seed, step)
+    if spec.top_k:
+        return sample_tokens(logits, spec, mask, seed)
+    uniforms, random_conf = sampling_noise(torch.full((rows,), seed), torch.arange(rows), RUNNER_VOCAB)
+    temps = torch.full((rows,), spec.temperature)
+    return sample_confidence_reference(logits, mask, spec.policy, temps, uniforms, random_conf)
+
+
+@pytest.mark.parametrize("case_name", list(RUNNER_BATCHES))
+def test_runner_fused_temperature_path(case_name: str, kernel_out: dict) -> None:
+    """Each sequence's draws follow its own (step seed, row) streams, in any batch; top-k stays on torch."""
+    for name, (ids, conf) in zip(RUNNER_BATCHES[case_name], kernel_out[case_name]):
+        ref_ids, ref_conf = _runner_expected(name)
+        assert torch.equal(ids, ref_ids), name
+        torch.testing.assert_close(conf, ref_conf.double(), rtol=1e-6, atol=1e-9)
+
+
+def test_runner_fused_gate() -> None:
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.config = SimpleNamespace(fused_sampling=True)
+    cuda = SimpleNamespace(is_cuda=True)
+    tempered = SampleSpec(temperature=0.7)
+    assert runner._fused(cuda, tempered, sampling=True)
+    assert runner._fused(cuda, SampleSpec(temperature=0.7, policy="random"), sampling=True)
+    assert not runner._fused(cuda, SampleSpec(policy="random"), sampling=False)
+    assert runner._fused(cuda, SampleSpec(policy="margin"), sampling=False)
+    for other in (dict(top_k=4), dict(top_p=0.9), dict(softmax_dtype="float64")):
+        assert not runner._fused(cuda, SampleSpec(temperature=0.7, **other), sampling=True), other
+    assert not runner._fused(torch.zeros(2, 3), tempered, sampling=True)  # CPU logits: torch path
+    runner.config = SimpleNamespace(fused_sampling=False)
+    assert not runner._fused(cuda, tempered, sampling=True)

@@ -259,8 +259,10 @@ class ModelRunner:
         uncond = set(plan.cfg_pairs.values())
         token_ids = torch.zeros(num_rows, dtype=torch.long, device=logits.device)
         confidences = torch.zeros(num_rows, dtype=torch.float64, device=logits.device)
-        # Sequences that sample alike (greedy, same policy, no CFG) are sampled in one call.
+        # Sequences that sample alike (greedy, same policy, no CFG) are sampled in one call; so are the
+        # tempered ones of one policy that the fused kernel can take (each row keeps its own seed).
         groups: dict[tuple, list[int]] = {}
+        tempered: dict[str, list[int]] = {}
         singles: list[int] = []
         for index, seq in enumerate(plan.sequences):
             if index in uncond or cu[index + 1] == cu[index]:
@@ -268,6 +270,8 @@ class ModelRunner:
             spec = seq.sample
             if spec.temperature == 0 and spec.policy != "random" and index not in plan.cfg_pairs:
                 groups.setdefault((spec.policy, spec.softmax_dtype, spec.top_k, spec.top_p), []).append(index)
+            elif index not in plan.cfg_pairs and self._fused(logits, spec, sampling=True):
+                tempered.setdefault(spec.policy, []).append(index)
             else:
                 singles.append(index)
         for members in groups.values():
@@ -280,6 +284,10 @@ class ModelRunner:
             rows = torch.from_numpy(np.concatenate([np.arange(cu[i], cu[i + 1]) for i in members]))
             rows = rows.to(logits.device)
             ids, conf = self._greedy(logits[rows], spec, mask_token_id)
+            token_ids[rows] = ids
+            confidences[rows] = conf
+        for policy, members in tempered.items():
+            rows, ids, conf = self._sample_fused(plan, logits, members, policy, mask_token_id)
             token_ids[rows] = ids
             confidences[rows] = conf
         for index in singles:
@@ -318,19 +326,55 @@ class ModelRunner:
         self, logits: torch.Tensor, spec: SampleSpec, mask_token_id: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy top-1 and confidence: the fused Triton kernel on CUDA, the torch reference elsewhere."""
-        fused = (
+        if self._fused(logits, spec, sampling=False):
+            from diffulex.kernels.sampling import greedy_confidence_triton
+
+            return greedy_confidence_triton(logits, mask_token_id, spec.policy)
+        return sample_tokens(logits, spec, mask_token_id)
+
+    def _fused(self, logits: torch.Tensor, spec: SampleSpec, sampling: bool) -> bool:
+        """Whether the fused Triton kernels take rows of ``spec`` (greedy, or tempered with ``sampling``):
+        logits on CUDA, ``fused_sampling``, softmax in the logits' dtype, no top-k/top-p, a known policy."""
+        if not (
             logits.is_cuda
             and self.config.fused_sampling
             and spec.softmax_dtype == "logits"
             and spec.top_k == 0
             and spec.top_p >= 1.0
-            and spec.policy in ("probability", "margin", "entropy")
-        )
-        if fused:
-            from diffulex.kernels.sampling import greedy_confidence_triton
+        ):
+            return False
+        from diffulex.kernels.sampling import POLICIES, SAMPLE_POLICIES  # imports triton: CUDA only
 
-            return greedy_confidence_triton(logits, mask_token_id, spec.policy)
-        return sample_tokens(logits, spec, mask_token_id)
+        return spec.policy in (SAMPLE_POLICIES if sampling else POLICIES)
+
+    def _sample_fused(
+        self, plan: StepPlan, logits: torch.Tensor, members: list[int], policy: str, mask_token_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows, ids and confidences of the sequences ``members`` (one policy), sampled by the fused
+        temperature kernel. Row j of a sequence draws from the noise stream (``step_seed`` of the
+        sequence, j), so its draw does not depend on the batch (``diffulex.kernels.sampling``)."""
+        from diffulex.kernels.sampling import sample_confidence_triton
+
+        cu = plan.cu_samples
+        specs = [plan.sequences[i].sample for i in members]
+        counts = [cu[i + 1] - cu[i] for i in members]
+        seeds = [step_seed(spec.seed, plan.sequences[i].step_index) for i, spec in zip(members, specs)]
+        host_ints = np.stack(
+            [
+                np.concatenate([np.arange(cu[i], cu[i + 1]) for i in members]),  # rows of the logits
+                np.repeat(np.array(seeds, dtype=np.int64), counts),
+                np.concatenate([np.arange(count) for count in counts]),  # streams
+            ]
+        ).astype(np.int64)
+        temps = np.repeat(np.array([spec.temperature for spec in specs], dtype=np.float32), counts)
+        rows, row_seeds, streams = torch.from_numpy(host_ints).to(logits.device)
+        temperatures = torch.from_numpy(temps).to(logits.device)
+        # Members cover their rows in order, so all rows of the step means no gather (no logits copy).
+        group_logits = logits if sum(counts) == logits.shape[0] else logits[rows]
+        ids, conf = sample_confidence_triton(
+            group_logits, mask_token_id, policy, temperatures, row_seeds, streams
+        )
+        return rows, ids, conf
 
     # ----- research API -------------------------------------------------------------------------------
     @torch.inference_mode()
