@@ -18,6 +18,34 @@ from torch.profiler import ProfilerActivity, profile
 from diffulex import SamplingParams
 from scripts.bench_gpu import LLADA_8B, build_model, make_engine
 
+# Kernel-name fragments of each kind, first match wins (cuBLAS/CUTLASS GEMM names vary by version).
+CATEGORIES = {
+    "attention": ("_paged_attention_kernel",),
+    "attention_combine": ("_combine_splits",),
+    "kv_store": ("_store_kv",),
+    "sampling": ("greedy_confidence", "_sample"),
+    "fused_elementwise": ("rms", "rope", "silu", "_fused"),
+    "gemm": ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas"),
+}
+
+
+def kernel_categories(averages, forwards: int) -> dict[str, float]:
+    """Device milliseconds per forward of each kernel kind (``other``: everything unmatched)."""
+    totals: dict[str, float] = {}
+    for event in averages:
+        if getattr(event, "device_type", None) is not None and "CUDA" not in str(event.device_type):
+            continue
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "self_cuda_time_total", 0.0)
+        if not device_us:
+            continue
+        lowered = event.key.lower()
+        kind = next((k for k, parts in CATEGORIES.items() if any(p in lowered for p in parts)), "other")
+        totals[kind] = totals.get(kind, 0.0) + device_us / 1000 / max(forwards, 1)
+    totals["total"] = sum(totals.values())
+    return {k: round(v, 4) for k, v in sorted(totals.items())}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -44,15 +72,21 @@ def main() -> None:
             print(
                 f"{'eager' if eager else 'graphs'}: {start.elapsed_time(end) / 10:.3f} ms per engine step (events)"
             )
+            request = next(iter(engine.requests.values()))
+            forwards_before = request.num_forwards
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
                     engine.step()
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(
-                sort_by="cuda_time_total", row_limit=30, max_name_column_width=70
-            )
-            (args.out / f"profile_{'eager' if eager else 'graphs'}.txt").write_text(table)
-            print(table[:6000])
+            forwards = request.num_forwards - forwards_before
+            averages = prof.key_averages()
+            table = averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+            name = "eager" if eager else "graphs"
+            (args.out / f"profile_{name}.txt").write_text(table)
+            summary = kernel_categories(averages, forwards)
+            (args.out / f"profile_{name}_categories.json").write_text(json.dumps(summary, indent=2))
+            print(f"{name}: {forwards} forwards profiled; GPU ms per forward by kernel kind: {summary}")
+            print(table[:4000])
             for request_id in list(engine.requests):
                 engine.abort(request_id)
 
