@@ -94,6 +94,19 @@ class EngineConfig(BaseModel):
         description="block_diffusion: store a finished block in the next block's first forward "
         "(same tokens, one forward less per block than SDAR).",
     )
+    small_block_size: int | None = Field(
+        None,
+        ge=1,
+        description="fast_dllm_v2: sub-block size; a block is decoded one sub-block at a time, left to "
+        "right. None = 8 (the published setting) when it divides block_size, else block_size. Must "
+        "divide block_size.",
+    )
+    use_block_cache: bool = Field(
+        False,
+        description="fast_dllm_v2: Fast-dLLM v2's block cache: the first forward of each sub-block "
+        "computes the whole block and keeps its K/V; later forwards query only the sub-block against "
+        "them (approximate, faster; the published evaluation leaves it off).",
+    )
     vanilla_schedule: Literal["auto", "llada", "dream"] = Field(
         "auto", description="vanilla: LLaDA per-block even split or Dream linspace schedule; auto = family."
     )

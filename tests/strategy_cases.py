@@ -66,4 +66,16 @@ CASES = [
         },
         {"threshold": 0.3},
     ),
+    Case(
+        "fast_dllm_v2",
+        "fast_dllm_v2",
+        {"strategy": "fast_dllm_v2", "block_size": 8, "small_block_size": 4},
+        {"threshold": 0.3},
+    ),
+    Case(
+        "fast_dllm_v2_block_cache",
+        "fast_dllm_v2",
+        {"strategy": "fast_dllm_v2", "block_size": 8, "small_block_size": 4, "use_block_cache": True},
+        {"threshold": 0.3},
+    ),
 ]

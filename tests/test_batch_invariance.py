@@ -4,13 +4,22 @@ after preemption under a tiny KV budget, and when its prompt hits the prefix cac
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
 from diffulex import SamplingParams
+from diffulex.models.tiny_checkpoint import write_tiny_checkpoint
 from tests.strategy_cases import CASES, Case
 
 PAGE = {"page_size": 8}
+
+
+@pytest.fixture(scope="module")
+def case_paths(tiny_paths, tmp_path_factory) -> dict[str, Path]:
+    """The shared tiny checkpoints plus a Fast-dLLM v2 one (its block is 8 tokens)."""
+    v2 = write_tiny_checkpoint("fast_dllm_v2", tmp_path_factory.mktemp("ckpt") / "fast_dllm_v2", seed=5)
+    return {**tiny_paths, "fast_dllm_v2": v2}
 
 
 def prompts_for(llm, count: int, seed: int) -> list[list[int]]:
@@ -33,12 +42,14 @@ GROWING_KV = {
     "block_diffusion_dynamic",
     "d2f",
     "multi_bd",
+    "fast_dllm_v2",
+    "fast_dllm_v2_block_cache",
 }
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_alone_batched_and_preempted_agree(case: Case, tiny_paths, make_llm) -> None:
-    path = tiny_paths[case.family]
+def test_alone_batched_and_preempted_agree(case: Case, case_paths, make_llm) -> None:
+    path = case_paths[case.family]
     solo = make_llm(path, **case.options, **PAGE, enable_prefix_caching=False)
     prompts = prompts_for(solo, 16, seed=sum(map(ord, case.name)))
     params = params_for(case)
@@ -58,11 +69,11 @@ def test_alone_batched_and_preempted_agree(case: Case, tiny_paths, make_llm) -> 
 
 @pytest.mark.parametrize(
     "case",
-    [c for c in CASES if c.name in ("block_diffusion", "block_diffusion_fused", "multi_bd")],
+    [c for c in CASES if c.name in ("block_diffusion", "block_diffusion_fused", "multi_bd", "fast_dllm_v2")],
     ids=lambda c: c.name,
 )
-def test_prefix_cache_hit_gives_identical_output(case: Case, tiny_paths, make_llm) -> None:
-    path = tiny_paths[case.family]
+def test_prefix_cache_hit_gives_identical_output(case: Case, case_paths, make_llm) -> None:
+    path = case_paths[case.family]
     shared = list(range(10, 34))  # 24 tokens = three full 8-token pages
     first, second = shared + [40, 41, 42], shared + [50, 51]
     fresh = make_llm(path, **case.options, **PAGE)

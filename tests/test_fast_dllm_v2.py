@@ -97,7 +97,7 @@ def test_spec_of_official_config() -> None:
     assert (spec.shift_logits, spec.native_attention, spec.default_strategy) == (
         True,
         "block_causal",
-        "block_diffusion",
+        "fast_dllm_v2",
     )
     assert spec.default_block_size == 32
     other = cls.spec_from_config(config | {"bd_size": 16, "mask_token_id": 7})
@@ -115,7 +115,8 @@ def test_generate_with_family_default_strategy(tmp_path: Path) -> None:
     ids = special_token_ids("fast_dllm_v2")
     assert llm.engine.spec.mask_token_id == ids["<|mask|>"]
     assert llm.engine.spec.eos_token_ids[0] == ids["<|im_end|>"]
-    assert (llm.engine.spec.default_strategy, llm.engine.spec.default_block_size) == ("block_diffusion", 8)
+    assert (llm.engine.spec.default_strategy, llm.engine.spec.default_block_size) == ("fast_dllm_v2", 8)
+    assert llm.engine.strategy_name == "fast_dllm_v2"
     outputs = llm.generate(["Hi", [5, 6, 7]], SamplingParams(max_tokens=8, ignore_eos=True))
     assert [len(out.token_ids) for out in outputs] == [8, 8]
     assert all(out.finish_reason == "length" for out in outputs)

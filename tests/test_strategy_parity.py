@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from diffulex import SamplingParams
+from diffulex.models.tiny_checkpoint import write_tiny_checkpoint
 from tests.reference import loops
 from tests.reference.plain_models import PlainModel
 
@@ -279,3 +282,91 @@ def test_block_diffusion_fused_dynamic_equals_llada2_generate(
     model = EngineBlockCausalLogits(llm, block)
     expected = [loops.llada2_generate(model, p, 16, block, steps, threshold) for p in PROMPTS]
     assert got == [(list(t), n) for t, n in expected]
+
+
+# ------------------------------------------------------------------------------------ Fast-dLLM v2
+
+
+@pytest.fixture(scope="module")
+def fast_dllm_v2(tmp_path_factory) -> tuple[Path, NoMaskPrediction]:
+    """A tiny Fast-dLLM v2 checkpoint (bd_size 8) and its plain reference model.
+
+    Fast-dLLM v2's tensors are Qwen2.5's, exactly Dream's, and its loop passes the attention mask and
+    applies the token shift itself; so the plain Dream forward is its forward. The reference reads the
+    same weights through a copy of config.json that names Dream."""
+    root = tmp_path_factory.mktemp("fast_dllm_v2")
+    path = write_tiny_checkpoint("fast_dllm_v2", root / "ckpt", seed=5)
+    view = root / "as_dream"
+    view.mkdir()
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="Dream", architectures=["DreamModel"])
+    (view / "config.json").write_text(json.dumps(config))
+    shutil.copy(path / "model.safetensors", view / "model.safetensors")
+    return path, NoMaskPrediction(PlainModel(view))
+
+
+def v2_reference(plain, small_block: int, threshold: float, block_cache: bool) -> list[tuple[list[int], int]]:
+    """The official loop for every prompt: 16 new tokens asked (2 blocks of 8), greedy, no stop token."""
+    return [
+        loops.fast_dllm_v2_generate(plain, p, 16, 8, small_block, threshold, block_cache) for p in PROMPTS
+    ]
+
+
+def v2_params(expected: list[tuple[list[int], int]], **extra) -> list[SamplingParams]:
+    """max_tokens = what the official loop returned (its blocks plus the final store forward's token)."""
+    return [SamplingParams(max_tokens=len(tokens), ignore_eos=True, **extra) for tokens, _ in expected]
+
+
+@pytest.mark.parametrize(
+    ("small_block", "block_cache", "threshold"),
+    [(2, False, 0.3), (4, False, 0.05), (4, False, 1.0), (2, True, 0.3), (4, True, 0.3), (2, True, 1.0)],
+)
+def test_fast_dllm_v2_equals_official_loop(
+    small_block, block_cache, threshold, fast_dllm_v2, make_llm
+) -> None:
+    """Prompts of 3, 8 (= one block: prefill + next token) and 13 tokens, decoded in one batch."""
+    path, plain = fast_dllm_v2
+    expected = v2_reference(plain, small_block, threshold, block_cache)
+    llm = make_llm(
+        path,
+        page_size=8,
+        enable_prefix_caching=False,
+        strategy="fast_dllm_v2",
+        small_block_size=small_block,
+        use_block_cache=block_cache,
+    )
+    got = [
+        (o.token_ids, o.num_forwards) for o in llm.generate(PROMPTS, v2_params(expected, threshold=threshold))
+    ]
+    assert got == [(list(t), n) for t, n in expected]
+    if block_cache and threshold == 0.3:  # the block cache is approximate: here it changes the output
+        assert expected != v2_reference(plain, small_block, threshold, False)
+
+
+def test_fast_dllm_v2_is_the_family_default(fast_dllm_v2, make_llm) -> None:
+    """Nothing named: strategy fast_dllm_v2, block = bd_size (8), sub-block 8, threshold 0.9."""
+    path, plain = fast_dllm_v2
+    llm = make_llm(path)
+    assert llm.engine.strategy_name == "fast_dllm_v2" and llm.engine.block_size == 8
+    expected = v2_reference(plain, 8, 0.9, False)
+    got = [(o.token_ids, o.num_forwards) for o in llm.generate(PROMPTS, v2_params(expected))]
+    assert got == [(list(t), n) for t, n in expected]
+
+
+@pytest.mark.parametrize("block_cache", [False, True])
+def test_fast_dllm_v2_stops_like_generate(block_cache, fast_dllm_v2, make_llm) -> None:
+    """A stop id ends the request where the checkpoint's ``generate`` stops: same tokens before it, same
+    forwards (the stop id is a token the loop decodes mid-block, taken from an unstopped run)."""
+    path, plain = fast_dllm_v2
+    prompt = PROMPTS[2]
+    free, _ = loops.fast_dllm_v2_generate(plain, prompt, 16, 8, 2, 0.3, block_cache)
+    stop = free[5]
+    stopped, nfe = loops.fast_dllm_v2_generate(plain, prompt, 16, 8, 2, 0.3, block_cache, stop_token=stop)
+    assert nfe < len(free)  # it did stop early
+    llm = make_llm(
+        path, page_size=8, strategy="fast_dllm_v2", small_block_size=2, use_block_cache=block_cache
+    )
+    params = SamplingParams(max_tokens=len(free), threshold=0.3, stop_token_ids=[stop], ignore_eos=True)
+    out = llm.generate([prompt], params)[0]
+    assert out.finish_reason == "stop"
+    assert (out.token_ids, out.num_forwards) == (stopped[: stopped.index(stop)], nfe)

@@ -9,9 +9,9 @@ Dream's: ``model.embed_tokens``, ``model.layers.{i}.self_attn.{q,k,v,o}_proj`` (
 attention is block-causal (``eval_block_diff_mask``: query block >= key block, blocks of ``bd_size`` counted
 from position 0), and the logits are token-shifted (position i is predicted from hidden i-1; the next
 block's first token comes from the last hidden of the previous one). The mask token is 151665 (the
-``generate`` default; some copies of the config also carry ``mask_token_id``). The official decoding loop
-(blocks split into sub-blocks of 8 with a sub-block cache) is not reproduced; the family default is
-``block_diffusion`` over ``bd_size`` blocks.
+``generate`` default; some copies of the config also carry ``mask_token_id``). The family default is
+the official decoding loop, strategy ``fast_dllm_v2`` (blocks of ``bd_size`` decoded in sub-blocks of 8,
+threshold 0.9, the next block's first token from the store forward; diffulex/strategies/fast_dllm_v2.py).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class FastDLLMV2Model(DreamModel):
             pad_token_id=_ENDOFTEXT_ID,
             shift_logits=True,
             native_attention="block_causal",
-            default_strategy="block_diffusion",
+            default_strategy="fast_dllm_v2",
             default_block_size=int(cfg.get("bd_size") or FAST_DLLM_V2_DEFAULT_BLOCK_SIZE),
             vanilla_schedule="dream",
         )

@@ -31,6 +31,9 @@ class StrategyOptions:
     decoded_token_threshold: float = 0.95
     remasking: str | None = None
     fuse_block_store: bool = False
+    small_block_size: int | None = None
+    use_block_cache: bool = False
+    shift_logits: bool = False
 
 
 class Strategy(ABC):

@@ -679,3 +679,134 @@ def multi_bd_generate(
     else:
         raise RuntimeError("multi_bd_generate: no termination within max_steps")
     return tokens[P : P + max_new_tokens], nfe
+
+
+# ------------------------------------------------------------------------------------ Fast-dLLM v2
+
+
+def _shift_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Token shift inside the forwarded window: row j takes the logits of row j-1; row 0 keeps its own."""
+    return torch.cat((logits[:1], logits[:-1]), dim=0)
+
+
+def _first_stop_is_final(x: list[int], start: int, stop_token: int | None, mask_id: int) -> bool:
+    """``generate``'s stop rule: a stop token in x[start:] with no mask between ``start`` and it."""
+    if stop_token is None or stop_token not in x[start:]:
+        return False
+    first = x.index(stop_token, start)
+    return mask_id not in x[start:first]
+
+
+def _block_cache_past(cache, block_kv, lo: int, hi: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the keys/values a sub-block call sees besides its own: the stored blocks, then the
+    block cache without the sub-block's range ``[lo, hi)`` (block-relative)."""
+    past = []
+    for layer, (block_k, block_v) in enumerate(block_kv):
+        keys, values = [block_k[:lo], block_k[hi:]], [block_v[:lo], block_v[hi:]]
+        if cache is not None:
+            keys.insert(0, cache[layer][0])
+            values.insert(0, cache[layer][1])
+        past.append((torch.cat(keys), torch.cat(values)))
+    return past
+
+
+@torch.no_grad()
+def fast_dllm_v2_generate(
+    model,
+    prompt: list[int],
+    max_new_tokens: int,
+    block_size: int = 32,
+    small_block_size: int = 8,
+    threshold: float = 0.9,
+    use_block_cache: bool = False,
+    stop_token: int | None = None,
+) -> tuple[list[int], int]:
+    """Fast-dLLM v2 ``batch_sample`` (NVlabs/Fast-dLLM v2/generation_functions.py) and the checkpoint's
+    ``generate``, batch 1, temperature 0 (rules: docs/strategies.md, section ``fast_dllm_v2``).
+
+    Returns (every token after the prompt, model calls). Without ``stop_token`` the loop runs its
+    ``max_new_tokens // block_size`` blocks and the final store forward's next token: nb·B + 1 − P % B
+    tokens. With it, ``generate``'s rule: stop (before the next forward) once a stop token is decoded
+    with no mask before it in the current block; tokens after that stay as they are (masks included).
+
+    Choices: a prompt of exactly one block is prefilled like any P >= B (the official ``P > B`` test
+    drops such a prompt altogether); the tie rule of the module docstring. The block cache is kept per
+    layer as the block's K/V; a sub-block call attends to [stored blocks | the block's K/V outside the
+    sub-block | its own fresh K/V] — the official in-place write of the fresh sub-block K/V into the
+    block cache is always overwritten again before it is read, so only this set of keys matters.
+    """
+    mask_id = model.mask_token_id
+    B, S = block_size, small_block_size
+    if B % S != 0:
+        raise ValueError("small_block_size must divide block_size")
+    P = len(prompt)
+    x = list(prompt)
+    nfe = 0
+    cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    cache_len = 0
+    if P >= B:  # prefill the full prompt blocks, block-causal, K/V kept
+        n = P // B * B
+        logits, cache = model.forward(_as_tensor(x[:n]), torch.arange(n), block_causal_mask_abs(n, B))
+        nfe += 1
+        cache_len = n
+        if P % B == 0:  # the next token from the last row (raw row n-1 predicts position n)
+            x.append(int(torch.argmax(logits[-1])))
+
+    def block_forward(ids: list[int], start: int, past) -> tuple[torch.Tensor, list]:
+        """ids at positions start.. over ``past``: every key visible (the current block sees all)."""
+        past_len = 0 if past is None else past[0][0].shape[0]
+        visible = torch.ones(len(ids), past_len + len(ids), dtype=torch.bool)
+        return model.forward(_as_tensor(ids), torch.arange(start, start + len(ids)), visible, past)
+
+    for _ in range(max_new_tokens // B):
+        if stop_token is not None and stop_token in x[P:]:
+            break
+        block_input_len = len(x)  # ``prompt_length`` of generate's stop rule
+        x += [mask_id] * (B - len(x) % B)
+        bs, be = len(x) - B, len(x)
+        assert bs == cache_len
+        block_kv = None  # the block cache (use_block_cache), recomputed by full block calls
+        block_calls = 0
+        while True:
+            if _first_stop_is_final(x, block_input_len, stop_token, mask_id):
+                break
+            if mask_id not in x[bs:be]:  # store forward: K/V appended, next token from the last row
+                logits, cache = block_forward(x[bs:be], bs, cache)
+                nfe += 1
+                cache_len = be
+                x.append(int(torch.argmax(logits[-1])))
+                break
+            for k in range(B // S):
+                ss, se = bs + k * S, bs + (k + 1) * S
+                while True:
+                    in_sub = torch.tensor([t == mask_id for t in x[ss:se]])
+                    if not bool(in_sub.any()):
+                        break
+                    if _first_stop_is_final(x, block_input_len, stop_token, mask_id):
+                        break
+                    if use_block_cache and (block_kv is None or x[ss] == mask_id):
+                        logits, kv = block_forward(x[bs:be], bs, cache)
+                        block_kv = [(k_[cache_len:], v_[cache_len:]) for k_, v_ in kv]
+                        logits = _shift_rows(logits)[ss - bs : se - bs]
+                    elif use_block_cache:
+                        past = _block_cache_past(cache, block_kv, ss - bs, se - bs)
+                        logits, _ = block_forward(x[ss:se], ss, past)
+                        logits = _shift_rows(logits)
+                    else:
+                        logits, _ = block_forward(x[bs:be], bs, cache)
+                        logits = _shift_rows(logits)[ss - bs : se - bs]
+                    nfe += 1
+                    block_calls += 1
+                    if block_calls > B * B:  # the official loop would spin forever
+                        raise RuntimeError("no progress (model keeps predicting the mask id?)")
+                    # sample_with_top_p at T=0: p = softmax(logits) in the logits' dtype, x1 = argmax(p)
+                    probs = torch.softmax(logits, dim=-1)
+                    x1 = torch.argmax(probs, dim=-1)
+                    conf = torch.gather(probs, -1, x1.unsqueeze(-1)).squeeze(-1)
+                    conf = torch.where(in_sub, conf, torch.tensor(float("-inf")))
+                    unmask = conf > threshold  # strictly above
+                    unmask[int(torch.argmax(conf))] = True  # and always the most probable one
+                    unmask &= in_sub
+                    for j in unmask.nonzero().flatten().tolist():
+                        x[ss + j] = int(x1[j])
+    return x[P:], nfe

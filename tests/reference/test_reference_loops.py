@@ -501,3 +501,92 @@ def test_multi_bd_stop_adding_after_eos(sdar):
     eos = out[0]
     out2, nfe2 = L.multi_bd_generate(sdar, [5, 6, 7, 8], 12, 4, 3, 0.0, 0.9, -1.0, eos, True)
     assert out2 == out[:4] and nfe2 == 1
+
+
+# ------------------------------------------------------------------------------------ Fast-dLLM v2
+# The loop is model-agnostic (it applies the token shift and passes the masks itself): the tiny SDAR
+# model serves. B = 4, S = 2, 8 new tokens asked = 2 blocks.
+
+
+def _v2_counts(prompt_len: int, gen: int, block: int) -> tuple[int, int, int]:
+    """(prefill calls, masks the blocks diffuse, output length) of the official loop without a stop."""
+    num_blocks = gen // block
+    prefill = 1 if prompt_len >= block else 0
+    next_from_prefill = 1 if prefill and prompt_len % block == 0 else 0
+    # positions P .. end of the last block; every block but the first starts with a store-forward token
+    positions = num_blocks * block - prompt_len % block
+    masks = positions - (num_blocks - 1) - next_from_prefill
+    return prefill, masks, positions + 1  # + the final store forward's next token
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, [5, 6, 7, 8], [5, 6, 7]])
+def test_fast_dllm_v2_threshold_one_commits_one_token_per_forward(sdar, prompt):
+    # Nothing is strictly above 1: each denoise call commits only the most probable mask.
+    out, nfe = L.fast_dllm_v2_generate(sdar, prompt, 8, 4, 2, threshold=1.0)
+    prefill, masks, length = _v2_counts(len(prompt), 8, 4)
+    assert nfe == prefill + masks + 2  # + one store forward per block
+    assert len(out) == length and MASK_ID not in out
+
+
+def test_fast_dllm_v2_negative_threshold_commits_a_sub_block_per_forward(sdar):
+    # P = 5: prefill [0, 4); block [4, 8): sub-blocks [4,6) (5 masked) and [6,8); block [8, 12): 8 comes
+    # from the store forward, sub-blocks [8,10) and [10,12): one call each, + 2 store forwards.
+    out, nfe = L.fast_dllm_v2_generate(sdar, PROMPT, 8, 4, 2, threshold=-1.0)
+    assert nfe == 1 + 2 + 1 + 2 + 1 and len(out) == 8 and MASK_ID not in out
+
+
+def test_fast_dllm_v2_calls_shift_and_next_token(sdar):
+    rec = Recorder(sdar)
+    out, _ = L.fast_dllm_v2_generate(rec, [5, 6, 7, 8], 8, 4, 2, threshold=1.0)
+    prefill, first, *_ = rec.calls
+    # P = B: the prompt is prefilled and its last row gives position 4 (the official `P > B` would not)
+    assert prefill["ids"].tolist() == [5, 6, 7, 8] and prefill["past_len"] == 0
+    assert out[0] == int(torch.argmax(prefill["logits"][-1]))
+    # the first denoise call queries the whole block at its absolute positions over the stored prompt
+    assert first["ids"].tolist() == [out[0], MASK_ID, MASK_ID, MASK_ID]
+    assert first["positions"].tolist() == [4, 5, 6, 7] and first["past_len"] == 4
+    # sub-block [4, 6) first: position 5 is read from row 0 (token shift), position 6/7 untouched
+    assert out[1] == int(torch.argmax(first["logits"][0]))
+    assert rec.calls[2]["ids"].tolist()[2:] == [MASK_ID, MASK_ID]
+    # the store forward (block decoded, past = prompt) gives position 8 from its last row
+    store = next(c for c in rec.calls if c["past_len"] == 4 and MASK_ID not in c["ids"].tolist())
+    assert store["ids"].tolist() == out[:4] and out[4] == int(torch.argmax(store["logits"][-1]))
+    assert rec.calls[-1]["past_len"] == 8 and rec.calls[-1]["ids"].tolist() == out[4:8]
+
+
+def test_fast_dllm_v2_block_cache_queries_the_sub_block_against_the_block(sdar):
+    rec = Recorder(sdar)
+    out, nfe = L.fast_dllm_v2_generate(rec, PROMPT, 16, 4, 2, threshold=1.0, use_block_cache=True)
+    assert MASK_ID not in out and nfe == len(rec.calls)
+    sub_calls = [c for c in rec.calls if c["ids"].shape[0] == 2]
+    assert sub_calls, "some sub-block calls should use the block cache"
+    for call in sub_calls:
+        start = int(call["positions"][0])
+        block_start = start // 4 * 4
+        # keys: the stored blocks + the block outside the sub-block; its first token is decoded
+        assert start % 2 == 0 and call["past_len"] == block_start + 4 - 2
+        assert int(call["ids"][0]) != MASK_ID
+    # every other call is a whole block (prefill, full block calls, store forwards)
+    assert all(c["ids"].shape[0] == 4 for c in rec.calls if c["ids"].shape[0] != 2)
+
+
+def test_fast_dllm_v2_block_cache_of_one_sub_block_is_exact(sdar):
+    # S = B: a sub-block call recomputes the whole block over the stored blocks only = the plain call.
+    for prompt in (PROMPT, [5, 6, 7]):
+        plain = L.fast_dllm_v2_generate(sdar, prompt, 8, 4, 4, threshold=0.2)
+        cached = L.fast_dllm_v2_generate(sdar, prompt, 8, 4, 4, threshold=0.2, use_block_cache=True)
+        assert cached == plain
+
+
+def test_fast_dllm_v2_stop_token_ends_like_generate(sdar):
+    free, nfe = L.fast_dllm_v2_generate(sdar, PROMPT, 16, 4, 2, threshold=1.0)
+    stop = free[3]
+    first = free.index(stop)
+    out, nfe_stop = L.fast_dllm_v2_generate(sdar, PROMPT, 16, 4, 2, threshold=1.0, stop_token=stop)
+    assert out[:first] == free[:first] and out[first] == stop and MASK_ID not in out[:first]
+    assert nfe_stop < nfe
+
+
+def test_fast_dllm_v2_sub_block_must_divide_block(sdar):
+    with pytest.raises(ValueError, match="divide"):
+        L.fast_dllm_v2_generate(sdar, PROMPT, 8, 4, 3)
