@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -124,3 +125,22 @@ def test_generate_with_family_default_strategy(tmp_path: Path) -> None:
     again = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=8, ignore_eos=True))[0]
     assert again.token_ids == outputs[1].token_ids
     assert not llm.engine.has_unfinished() and llm.engine.kv_cache.is_whole()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("block_cache", [False, True])
+def test_gpu_fast_dllm_v2_loop_matches_cpu(block_cache: bool, tmp_path: Path) -> None:
+    """The fast_dllm_v2 loop on CUDA (Triton attention with the sub-block's context hole, CUDA graphs of
+    the block and sub-block query sizes) gives the CPU's tokens and forwards."""
+    path = write_tiny_checkpoint("fast_dllm_v2", tmp_path / "m", seed=5)
+    options = {"small_block_size": 4, "use_block_cache": block_cache, "page_size": 8}
+    prompts = [[17, 5, 42], [8, 9, 10, 11, 12, 13, 14, 15], [30 + i for i in range(21)]]
+    params = SamplingParams(max_tokens=17, threshold=0.3, ignore_eos=True)
+    cpu = LLM(str(path), device="cpu", dtype="float32", **options).generate(prompts, params)
+    gpu_llm = LLM(str(path), device="cuda", dtype="float32", **options)
+    gpu = gpu_llm.generate(prompts, params)
+    assert [(o.token_ids, o.num_forwards) for o in gpu] == [(o.token_ids, o.num_forwards) for o in cpu]
+    sizes = [4, 8] if block_cache else [8]  # sub-block queries, block queries
+    assert gpu_llm.engine.strategy.static_query_sizes() == sizes
+    assert sorted(g.tokens_per_seq for g in gpu_llm.engine.runner.graph_sets if g.graphs) == sizes
