@@ -320,7 +320,7 @@ def test_gpu_temperature_llada(rows: int, dtype: torch.dtype) -> None:
     device_u = torch.empty(rows, LLADA_VOCAB, device="cuda")
     _noise_kernel[(rows,)](device_u, seeds, streams, LLADA_VOCAB, BLOCK=4096)
     assert torch.equal(device_u, uniforms), "tl.rand on the device differs from kernels/philox.py"
-    x = logits.float()
+    x = logits.float().clone()  # fp32 logits: .float() alone would alias them
     x[:, LLADA_MASK] = -INF
     for policy in SAMPLE_POLICIES:
         ids, conf = sample_confidence_triton(logits, LLADA_MASK, policy, temps, seeds, streams)
@@ -330,7 +330,7 @@ def test_gpu_temperature_llada(rows: int, dtype: torch.dtype) -> None:
         )
         _check_near_ties(x, temps, uniforms, ids, ref_ids)
         same = ids == ref_ids
-        torch.testing.assert_close(conf[same], ref_conf[same], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(conf[same], ref_conf[same], rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.gpu
