@@ -15,7 +15,7 @@ from diffulex import SamplingParams
 from diffulex.layers.moe import GroupedSigmoidMoeBlock, GroupLimitedSigmoidRouter
 from diffulex.llm import LLM
 from diffulex.models import load_model, resolve_model_class
-from diffulex.models.llada2_moe import LLaDA2MoeForCausalLM, is_moe_layer
+from diffulex.models.llada2_moe import LLaDA2Model, LLaDA2MoeForCausalLM, is_moe_layer
 from diffulex.models.tiny_checkpoint import write_tiny_checkpoint
 from tests.test_models import _attend, _ids, _max_rel_error, _proj, _rms, _rope, model_logits
 
@@ -140,6 +140,22 @@ def test_official_names_and_spec() -> None:
         32,
     )
     assert not spec.shift_logits
+
+
+def test_missing_config_keys_take_the_config_class_defaults() -> None:
+    """A config.json without them gets LLaDA2MoeConfig's defaults (the published configs set all of
+    them: rms_norm_eps 1e-6, rope_theta 600000, n_group 8, topk_group 4, routed_scaling_factor 2.5)."""
+    cfg = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+           "num_hidden_layers": 2, "vocab_size": 64, "intermediate_size": 64, "moe_intermediate_size": 16,
+           "num_experts": 16, "num_experts_per_tok": 2, "first_k_dense_replace": 1}  # fmt: skip
+    layer = LLaDA2Model(cfg).layers[1]
+    router = layer.mlp.gate
+    assert (router.n_group, router.topk_group, router.routed_scaling_factor) == (8, 4, 2.5)
+    assert layer.attention.rotary_emb.base == 10000.0
+    assert layer.input_layernorm.eps == layer.attention.query_layernorm.eps == 1e-5
+    assert layer.attention.dense.bias is not None  # use_bias defaults to True
+    published = LLaDA2Model(cfg | {"rms_norm_eps": 1e-6, "rope_theta": 600000, "n_group": 4, "topk_group": 2})
+    assert published.layers[1].mlp.gate.n_group == 4 and published.layers[1].input_layernorm.eps == 1e-6
 
 
 # ---- the router ----

@@ -33,6 +33,20 @@ from diffulex.models.registry import ModelSpec, register_model
 LLADA2_MASK_TOKEN_ID = 156895  # <|mask|>
 LLADA2_EOS_TOKEN_ID = 156892  # <|endoftext|>: eos and pad
 LLADA2_DEFAULT_BLOCK_SIZE = 32
+# LLaDA2MoeConfig's defaults for keys a config.json may leave out (the published configs set them all).
+CONFIG_DEFAULTS = {
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "n_group": 8,
+    "topk_group": 4,
+    "routed_scaling_factor": 2.5,
+}
+
+
+def _setting(cfg: dict[str, Any], key: str) -> Any:
+    """``cfg[key]``, or LLaDA2MoeConfig's default when the key is absent or null."""
+    value = cfg.get(key)
+    return CONFIG_DEFAULTS[key] if value is None else value
 
 
 def _head_dim(cfg: dict[str, Any]) -> int:
@@ -69,7 +83,7 @@ class LLaDA2Attention(nn.Module):
         self.num_heads = int(cfg["num_attention_heads"])
         self.num_kv_heads = int(cfg.get("num_key_value_heads") or self.num_heads)
         self.head_dim = _head_dim(cfg)
-        eps = float(cfg.get("rms_norm_eps", 1e-6))
+        eps = float(_setting(cfg, "rms_norm_eps"))
         self.query_key_value = Linear(
             hidden_size,
             (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
@@ -105,9 +119,9 @@ def llada2_mlp(cfg: dict[str, Any], layer_index: int) -> nn.Module:
             int(cfg["moe_intermediate_size"]),
             int(cfg["num_experts"]),
             int(cfg["num_experts_per_tok"]),
-            int(cfg.get("n_group") or 1),
-            int(cfg.get("topk_group") or 1),
-            float(cfg.get("routed_scaling_factor", 1.0)),
+            int(_setting(cfg, "n_group")),
+            int(_setting(cfg, "topk_group")),
+            float(_setting(cfg, "routed_scaling_factor")),
             int(cfg.get("num_shared_experts") or 0),
         )
     return SwiGLUMLP(hidden_size, int(cfg["intermediate_size"]))
@@ -122,8 +136,9 @@ class LLaDA2Model(nn.Module):
         self.word_embeddings = nn.Embedding(
             vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size)
         )
-        rotary = RotaryEmbedding(_head_dim(cfg), _rotary_dim(cfg), float(cfg.get("rope_theta", 600000.0)))
-        eps = float(cfg.get("rms_norm_eps", 1e-6))
+        theta = float(_setting(cfg, "rope_theta"))
+        rotary = RotaryEmbedding(_head_dim(cfg), _rotary_dim(cfg), theta)
+        eps = float(_setting(cfg, "rms_norm_eps"))
         self.layers = nn.ModuleList(
             PreNormDecoderLayer(
                 LLaDA2Attention(cfg, rotary), llada2_mlp(cfg, index), hidden_size, eps, attn_name="attention"
