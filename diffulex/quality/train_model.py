@@ -33,16 +33,23 @@ class TrainRMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE of ``x [B, H, L, D]`` by ``positions [B, L]``, angles in float32."""
-    dim = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
-    angles = positions.float().unsqueeze(-1) * inv_freq  # [B, L, D/2]
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of the angles, [B, 1, L, head_dim] float32
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> Rope:
+    """Float32 ``(cos, sin)`` of ``positions [B, L]`` for rotate-half RoPE (computed once per forward)."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    angles = positions.float().unsqueeze(-1) * (1.0 / theta**exponents)  # [B, L, D/2]
     angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # [B, 1, L, D]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate ``x [B, H, L, D]`` (in float32, cast back): channel j pairs with channel j + D/2."""
+    cos, sin = rope
     x32 = x.float()
     first, second = x32.chunk(2, dim=-1)
-    rotated = x32 * angles.cos() + torch.cat((-second, first), dim=-1) * angles.sin()
-    return rotated.to(x.dtype)
+    return (x32 * cos + torch.cat((-second, first), dim=-1) * sin).to(x.dtype)
 
 
 def attend(
@@ -63,8 +70,7 @@ def self_attention(
     x: torch.Tensor,
     projections: tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear],
     shape: tuple[int, int, int],
-    theta: float,
-    positions: torch.Tensor,
+    rope: Rope,
     visible: torch.Tensor,
     qk_norms: tuple[TrainRMSNorm, TrainRMSNorm] | None = None,
 ) -> torch.Tensor:
@@ -80,7 +86,7 @@ def self_attention(
     query, key, value = split(q_proj(x), heads), split(k_proj(x), kv_heads), split(v_proj(x), kv_heads)
     if qk_norms is not None:
         query, key = qk_norms[0](query), qk_norms[1](key)
-    query, key = apply_rope(query, positions, theta), apply_rope(key, positions, theta)
+    query, key = apply_rope(query, rope), apply_rope(key, rope)
     return out_proj(attend(query, key, value, visible).transpose(1, 2).flatten(2))
 
 
@@ -92,7 +98,7 @@ class LLaDATrainBlock(nn.Module):
         super().__init__()
         hidden, heads, eps = int(cfg["d_model"]), int(cfg["n_heads"]), float(cfg["rms_norm_eps"])
         kv_heads, mlp = int(cfg.get("n_kv_heads") or heads), int(cfg["mlp_hidden_size"])
-        self.shape, self.theta = (heads, kv_heads, hidden // heads), float(cfg["rope_theta"])
+        self.shape = (heads, kv_heads, hidden // heads)
         self.attn_norm = TrainRMSNorm(hidden, eps)
         self.q_proj = nn.Linear(hidden, hidden, bias=False)
         self.k_proj = nn.Linear(hidden, kv_heads * self.shape[2], bias=False)
@@ -103,9 +109,9 @@ class LLaDATrainBlock(nn.Module):
         self.up_proj = nn.Linear(hidden, mlp, bias=False)
         self.ff_out = nn.Linear(mlp, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, visible: torch.Tensor) -> torch.Tensor:
         projections = (self.q_proj, self.k_proj, self.v_proj, self.attn_out)
-        x = x + self_attention(self.attn_norm(x), projections, self.shape, self.theta, positions, visible)
+        x = x + self_attention(self.attn_norm(x), projections, self.shape, rope, visible)
         normed = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(normed)) * self.up_proj(normed))
 
@@ -122,7 +128,7 @@ class SDARTrainAttention(nn.Module):
         )
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         head_dim = int(cfg.get("head_dim") or hidden // heads)
-        self.shape, self.theta = (heads, kv_heads, head_dim), float(cfg["rope_theta"])
+        self.shape = (heads, kv_heads, head_dim)
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
@@ -130,10 +136,10 @@ class SDARTrainAttention(nn.Module):
         self.q_norm = TrainRMSNorm(head_dim, eps)
         self.k_norm = TrainRMSNorm(head_dim, eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, visible: torch.Tensor) -> torch.Tensor:
         projections = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
         norms = (self.q_norm, self.k_norm)
-        return self_attention(x, projections, self.shape, self.theta, positions, visible, norms)
+        return self_attention(x, projections, self.shape, rope, visible, norms)
 
 
 class SDARTrainLayer(nn.Module):
@@ -154,8 +160,8 @@ class SDARTrainLayer(nn.Module):
             }
         )
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, visible)
+    def forward(self, x: torch.Tensor, rope: Rope, visible: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, visible)
         normed = self.post_attention_layernorm(x)
         return x + self.mlp["down_proj"](F.silu(self.mlp["gate_proj"](normed)) * self.mlp["up_proj"](normed))
 
@@ -198,6 +204,9 @@ class TinyDiffusionLM(nn.Module):
         else:
             raise ValueError(f"no training model for model_type {self.family!r} (llada, sdar)")
         self.num_layers = len(self._layers())
+        attention = self._layers()[0] if self.family == "llada" else self._layers()[0].self_attn
+        self.head_dim = attention.shape[2]  # (heads, kv_heads, head_dim) of every layer
+        self.rope_theta = float(cfg["rope_theta"])
         self.reset_parameters()
 
     def _layers(self) -> nn.ModuleList:
@@ -231,11 +240,12 @@ class TinyDiffusionLM(nn.Module):
     ) -> torch.Tensor:
         embed, norm, head = self._parts()
         hidden = embed(input_ids)
+        rope = rope_tables(positions, self.head_dim, self.rope_theta)
         for layer in self._layers():
-            hidden = layer(hidden, positions, visible)
+            hidden = layer(hidden, rope, visible)
         if logits_rows is not None:
             hidden = hidden[:, :logits_rows]
         return head(norm(hidden))
 
 
-__all__ = ["TinyDiffusionLM", "apply_rope", "attend", "self_attention"]
+__all__ = ["TinyDiffusionLM", "apply_rope", "attend", "rope_tables", "self_attention"]
