@@ -84,3 +84,18 @@ def test_prefix_cache_hit_gives_identical_output(case: Case, case_paths, make_ll
     hit = warm.generate([second], params_for(case))[0]
     assert hit.num_prefix_hit_tokens >= 16
     assert hit.token_ids == expected.token_ids
+
+
+def test_prefix_hit_inside_a_block_is_not_shared(tiny_sdar, make_llm) -> None:
+    """Pages of 4 under blocks of 8: prompts sharing 12 tokens share the first block only (the K/V of
+    positions 8-11 depend on positions 12-15 of their block), and the output equals a fresh run."""
+    options = {"strategy": "block_diffusion", "block_size": 8, "page_size": 4}
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    shared = list(range(10, 22))  # 12 tokens: block 0 and half of block 1
+    first, second = shared + [40, 41, 42, 43, 44], shared + [50, 51, 52, 53, 54]
+    expected = make_llm(tiny_sdar, **options).generate([second], params)[0]
+    warm = make_llm(tiny_sdar, **options)
+    warm.generate([first], params)
+    hit = warm.generate([second], params)[0]
+    assert hit.num_prefix_hit_tokens == 8
+    assert hit.token_ids == expected.token_ids

@@ -90,3 +90,20 @@ def test_disabled_prefix_caching_never_matches() -> None:
     assert kv.match_prefix(second, cacheable_len=2) == 0
     kv.free(first)
     assert kv.is_whole()
+
+
+def test_prefix_hit_ends_on_a_whole_block_when_pages_are_smaller() -> None:
+    """Page 4, block 8: a prompt sharing 12 tokens shares one whole block (8), never half of the next."""
+    kv = KVCacheManager(num_pages=16, page_size=4)
+    first = make_request(list(range(10, 27)), "a")  # 17 tokens: two whole blocks of 8
+    kv.allocate(first, 17)
+    kv.register(first, committed_len=16)
+    second = make_request(list(range(10, 22)) + [99, 98, 97, 96, 95], "b")  # same first 12 tokens
+    assert kv.match_prefix(second, cacheable_len=16) == 12  # page-aligned alone: would share 3 pages
+    kv.free(second)
+    third = make_request(list(range(10, 22)) + [99, 98, 97, 96, 95], "c")
+    assert kv.match_prefix(third, cacheable_len=16, align=8) == 8
+    assert third.page_table == first.page_table[:2]
+    kv.free(first)
+    kv.free(third)
+    assert kv.is_whole()

@@ -9,6 +9,7 @@ pool needs it back (least recently freed first).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -102,11 +103,14 @@ class KVCacheManager:
     def _chain(previous: int, tokens: list[int], salt: int) -> int:
         return hash((previous, salt, tuple(tokens)))
 
-    def match_prefix(self, request: Request, cacheable_len: int, salt: int = 0) -> int:
+    def match_prefix(self, request: Request, cacheable_len: int, salt: int = 0, align: int = 1) -> int:
         """Adopt cached pages for the longest full-page prefix of ``tokens[:cacheable_len]``.
 
-        Returns the number of positions adopted (a multiple of ``page_size``); the request must own no
-        pages yet. At least one position is always left to compute, so the step has a query.
+        Returns the number of positions adopted (a multiple of ``page_size`` and of ``align``); the
+        request must own no pages yet. At least one position is always left to compute, so the step has
+        a query. ``align`` is the strategy's block size: a position's K/V depends on the later positions
+        of its block (attention is bidirectional inside a block), so a page is only shared together with
+        the rest of its block; a hit ending inside a block would reuse K/V computed beside other tokens.
         """
         if request.page_table:
             raise RuntimeError("match_prefix must run before the request holds pages")
@@ -124,6 +128,8 @@ class KVCacheManager:
             if page_id is None:
                 break
             adopted.append(page_id)
+        whole = math.lcm(self.page_size, max(1, align)) // self.page_size  # pages per shareable unit
+        del adopted[len(adopted) // whole * whole :]
         for page_id in adopted:
             page = self.pages[page_id]
             if page.ref_count == 0:

@@ -104,7 +104,7 @@ class Scheduler:
         self.strategy.start(request)
         if self.strategy.uses_prefix_cache:
             request.num_cached = self.kv_cache.match_prefix(
-                request, self.strategy.prefix_cacheable_len(request)
+                request, self.strategy.prefix_cacheable_len(request), align=self.strategy.block_size
             )
             request.num_prefix_hit = request.num_cached
         tokens = self.strategy.num_query_tokens(request)
