@@ -332,7 +332,10 @@ def default_block_sizes(head_dim: int, max_seqlen_q: int) -> dict[str, int]:
 
 _DEFAULT_SM_COUNT = 132  # H200
 MAX_NUM_SPLITS = 16
-PROGRAMS_PER_SM = 2  # the split path aims at about this many programs per SM (one wave of 4-warp tiles)
+# The split path aims at about this many programs per SM. Fewer, longer splits win at batch 1: H200,
+# 32 heads x 32 queries over 1,056 keys, in-graph times (scripts/tune_attention.py, 2026-11-23): 6 splits
+# (5 busy programs of two 128-key tiles per head) 13.3 us, 9 splits (one tile each) 17.9 us, 4 splits 15.8.
+PROGRAMS_PER_SM = 1.25
 
 
 @functools.cache
@@ -348,10 +351,10 @@ def choose_num_splits(num_programs: int, sm_count: int = _DEFAULT_SM_COUNT) -> i
 
     ``num_programs`` is the unsplit grid size ``H * cdiv(max_seqlen_q, block_m) * S``. A grid of at least
     ``PROGRAMS_PER_SM * sm_count`` programs already fills the GPU: 1 (the unsplit path). A smaller one is
-    split ``cdiv(PROGRAMS_PER_SM * sm_count, num_programs)`` ways (2-4 programs per SM), at most
-    ``MAX_NUM_SPLITS``: e.g. 32 heads x 1 tile x 1 sequence on 132 SMs -> 9 splits (288 programs).
+    split ``cdiv(PROGRAMS_PER_SM * sm_count, num_programs)`` ways, at most ``MAX_NUM_SPLITS``: e.g.
+    32 heads x 1 tile x 1 sequence on 132 SMs -> 6 splits (192 programs).
     """
-    target = PROGRAMS_PER_SM * sm_count
+    target = int(PROGRAMS_PER_SM * sm_count)
     if num_programs <= 0 or num_programs >= target:
         return 1
     return min(MAX_NUM_SPLITS, triton.cdiv(target, num_programs))
@@ -417,6 +420,7 @@ def paged_attention_triton(
     block_m = block_m or config["block_m"]
     block_n = block_n or config["block_n"]
     num_warps = num_warps or config["num_warps"]
+    stages_given = num_stages
     num_stages = num_stages or config["num_stages"]
     block_d = max(16, triton.next_power_of_2(head_dim))
     # fp32 inputs get true fp32 dot products (no TF32), so the fp32 path matches the reference closely.
@@ -427,6 +431,8 @@ def paged_attention_triton(
         num_splits = choose_num_splits(num_heads * num_tiles_m * num_seqs, _sm_count(query.device))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if num_splits > 1 and stages_given is None:
+        num_stages = 1  # a split walks two or three tiles: prefetching buys nothing (13.3 vs 14.5 us)
     if num_splits > 1:
         part_acc = torch.empty(
             (num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device

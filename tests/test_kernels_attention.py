@@ -313,10 +313,10 @@ def test_choose_num_splits_host_rule() -> None:
     pytest.importorskip("triton")
     from diffulex.kernels.paged_attention import MAX_NUM_SPLITS, choose_num_splits
 
-    assert choose_num_splits(32 * 1 * 1, 132) == 9  # LLaDA-8B batch-1 denoise step: 288 programs
-    assert choose_num_splits(32 * 1 * 4, 132) == 3
-    assert choose_num_splits(32 * 1 * 8, 132) == 2
-    assert choose_num_splits(32 * 1 * 9, 132) == 1  # 288 programs already fill 132 SMs twice
+    assert choose_num_splits(32 * 1 * 1, 132) == 6  # LLaDA-8B batch-1 denoise step: 192 programs
+    assert choose_num_splits(32 * 1 * 4, 132) == 2
+    assert choose_num_splits(32 * 1 * 8, 132) == 1
+    assert choose_num_splits(32 * 1 * 9, 132) == 1  # 288 programs already fill the 132 SMs
     assert choose_num_splits(32 * 32 * 1, 132) == 1  # prefill: unsplit
     assert choose_num_splits(1, 132) == MAX_NUM_SPLITS
 
