@@ -193,6 +193,36 @@ def test_d2f_batches_follow_the_pipelined_block_layout(tmp_path: Path) -> None:
         assert not batch.masked[row, :prompt].any() and not batch.masked[row, length:].any()
 
 
+@pytest.fixture
+def one_thread():
+    """Run torch on one thread: toy models gain nothing from two, and threads spin on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("family", ["llada", "sdar"])
+def test_overfit_examples_are_answered_through_the_engine(family: str, tmp_path: Path, one_thread) -> None:
+    """Training layout, checkpoint and inference agree end to end: a toy model trained to memorise three
+    examples gives exactly their answers through the engine's default decoding of the chat prompt (a
+    shifted position, a wrong template or a misplaced EOS would break it even with a perfect fit)."""
+    from diffulex.quality.evaluate import default_setting, evaluate
+    from diffulex.quality.trainer import TrainOptions, train
+
+    _, test = make_suite(0, train_per_task=1)
+    examples = [
+        next(e for e in test if e.task == task) for task in ("multiplication", "reverse", "capital_of")
+    ]
+    options = TrainOptions(
+        family, str(tmp_path), steps=400, batch_size=8, lr=1e-2, warmup_steps=20, size="toy", device="cpu"
+    )
+    train(options, log=lambda line: None, examples=examples)
+    [result] = evaluate(str(tmp_path), [default_setting(family)], examples, {"device": "cpu"})
+    assert [sample["output"] for sample in result.samples] == [e.answers[0] for e in examples]
+    assert result.accuracy == 1.0 and examples[0].prompt == README_DEMO_PROMPT
+
+
 # ----- scripts end to end ---------------------------------------------------------------------------------
 def _run(script: str, *args: str) -> str:
     # One thread: the toy model gains nothing from two, and OpenMP threads spin badly on a busy machine.

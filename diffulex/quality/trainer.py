@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from diffulex.quality.checkpoint import load_tokenizer, model_config, write_checkpoint, write_tokenizer_files
-from diffulex.quality.tasks import make_suite
+from diffulex.quality.tasks import Example, make_suite
 from diffulex.quality.train_model import TinyDiffusionLM
 from diffulex.quality.training import BATCH_BUILDERS, choose_gen_length, diffusion_loss, tokenize_rows
 
@@ -89,14 +89,18 @@ def build_optimizer(model: TinyDiffusionLM, options: TrainOptions, device: torch
     return torch.optim.AdamW(groups, lr=options.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def train(options: TrainOptions, log: Log = print) -> TrainResult:
-    """Train ``options.family`` on the task suite and write the checkpoint to ``options.out_dir``."""
+def train(options: TrainOptions, log: Log = print, examples: list[Example] | None = None) -> TrainResult:
+    """Train ``options.family`` on the task suite (or on ``examples``, e.g. to overfit a handful in a
+    test) and write the checkpoint to ``options.out_dir``."""
     device = resolve_device(options.device)
     torch.manual_seed(options.seed)
     config = model_config(options.family, options.size)
     out_dir = write_tokenizer_files(options.family, options.out_dir)
     tokenizer = load_tokenizer(out_dir)
-    train_rows, _ = make_suite(options.suite_seed, train_per_task=options.train_per_task)
+    if examples is None:
+        train_rows, _ = make_suite(options.suite_seed, train_per_task=options.train_per_task)
+    else:
+        train_rows = examples
     rows = tokenize_rows(train_rows, tokenizer, options.family, int(config["mask_token_id"]), options.seed)
     rows = rows.to(device)
     model = TinyDiffusionLM(config).to(device)
