@@ -79,6 +79,12 @@ def serve(
     served_model_name: Annotated[
         str | None, typer.Option(help="Model name clients send (default: the checkpoint folder's name).")
     ] = None,
+    data_parallel_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Engine replicas, each in its own process (one GPU each); default 1 (in-process)."
+        ),
+    ] = None,
     set_: Annotated[
         list[str],
         typer.Option(
@@ -94,6 +100,8 @@ def serve(
 
     try:
         overrides = dict(parse_override(item) for item in set_)
+        if data_parallel_size is not None:  # an explicit flag: below --set in priority, like --model
+            overrides = {"data_parallel_size": data_parallel_size, **overrides}
         engine_config, server_config = load_serve_config(
             config,
             overrides=overrides,

@@ -36,6 +36,13 @@ class EngineConfig(BaseModel):
     )
     dtype: DTypeName = Field("auto", description="auto = bfloat16 on CUDA, float32 on CPU.")
     device: str = Field("auto", description="auto = cuda when available, else cpu.")
+    data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Engine replicas behind one server, each in its own process (with auto/cuda device: "
+        "GPU i for replica i); requests go to the least-loaded replica. 1 = one in-process engine. "
+        "Read by `diffulex serve`; the offline LLM always runs one engine.",
+    )
     strategy: StrategyName | None = Field(None, description="Decoding strategy; None = the family default.")
     block_size: int | None = Field(
         None, ge=1, description="Tokens per diffusion block; None = family default."

@@ -22,6 +22,7 @@ from diffulex.config import EngineConfig, ServerConfig
 from . import chat, completions, health, metrics, models_route
 from .engine_client import EngineClient
 from .protocol import APIError, error_body
+from .replica_client import DataParallelClient
 from .serving import ClientDisconnected, Serving
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,9 @@ class _CountResponses:
         await self.app(scope, receive, counting_send)
 
 
-def create_app(client: EngineClient, server_config: ServerConfig | None = None) -> FastAPI:
+def create_app(
+    client: EngineClient | DataParallelClient, server_config: ServerConfig | None = None
+) -> FastAPI:
     """The HTTP app over a running EngineClient (the caller owns the client and shuts it down)."""
     config = server_config or ServerConfig()
     model_name = config.served_model_name or Path(client.engine.config.model).name
@@ -131,14 +134,20 @@ def curl_example(server_config: ServerConfig, model_name: str) -> str:
     )
 
 
+def start_engine_client(engine_config: EngineConfig) -> EngineClient | DataParallelClient:
+    """One in-process engine (``data_parallel_size`` 1), or that many replica processes behind one client."""
+    if engine_config.data_parallel_size > 1:
+        return DataParallelClient(engine_config)
+    from diffulex.engine.engine import Engine
+
+    return EngineClient(Engine(engine_config))
+
+
 def build_and_run(engine_config: EngineConfig, server_config: ServerConfig) -> None:
     """Load the engine, serve until interrupted, then drain running requests and stop the engine."""
     import uvicorn
 
-    from diffulex.engine.engine import Engine
-
-    engine = Engine(engine_config)
-    client = EngineClient(engine)
+    client = start_engine_client(engine_config)
     app = create_app(client, server_config)
     model_name = app.state.serving.model_name
     print(f"Diffulex serving '{model_name}' on http://{server_config.host}:{server_config.port}", flush=True)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from diffulex.engine.engine import Engine
+from diffulex.engine.replica import stream_progress
 from diffulex.request import RequestOutput
 from diffulex.sampling_params import SamplingParams
 
@@ -76,6 +77,14 @@ class EngineClient:
     def alive(self) -> bool:
         """Whether the engine thread is running (it stops only at shutdown)."""
         return self._thread.is_alive()
+
+    def unhealthy_reason(self) -> str | None:
+        """Why ``/health`` should fail, or None while the engine serves."""
+        if not self.accepting:
+            return "the server is shutting down"
+        if not self.alive:
+            return "the engine thread stopped"
+        return None
 
     async def generate(
         self,
@@ -186,18 +195,7 @@ class EngineClient:
             request = self.engine.requests.get(request_id)
             if request is None or request.is_finished:
                 continue
-            start = request.num_prompt
-            end = min(request.decoded_prefix_end(), start + request.params.max_tokens)
-            # Stop tokens are not final text: hold back from the first one (the finish update cuts there).
-            final = request.tokens[start + subscriber.sent : end]
-            stops = set(request.params.stop_token_ids)
-            if not request.params.ignore_eos:
-                stops.update(request.eos_token_ids)
-            cut = next((i for i, token in enumerate(final) if token in stops), len(final))
-            final = final[:cut]
-            snapshot = None
-            if subscriber.stream == "denoise":
-                snapshot = request.tokens[start : start + request.params.max_tokens]
+            final, snapshot = stream_progress(request, subscriber.sent, subscriber.stream)
             if final or snapshot is not None:
                 subscriber.sent += len(final)
                 update = RequestUpdate(request_id, new_token_ids=list(final), snapshot=snapshot)

@@ -1,4 +1,5 @@
-"""GET /health: 200 while the engine thread runs and accepts work, 503 otherwise (for load balancers)."""
+"""GET /health: 200 while the engine serves and accepts work, 503 with the reason otherwise (for load
+balancers): shutting down, the engine thread stopped, or (data parallel) a replica died."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     serving: Serving = request.app.state.serving
-    if serving.client.accepting and serving.client.alive:
+    reason = serving.client.unhealthy_reason()
+    if reason is None:
         return JSONResponse({"status": "ok", "model": serving.model_name})
-    return JSONResponse({"status": "unavailable"}, status_code=503)
+    return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
