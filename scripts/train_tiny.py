@@ -1,7 +1,7 @@
 """Train a bundled tiny dLLM on the synthetic task suite and write it in the family's official layout.
 
-python scripts/train_tiny.py --family llada --out diffulex/assets/tiny-llada [--steps 4000] [--seed 0]
-python scripts/train_tiny.py --family sdar --out diffulex/assets/tiny-sdar --device cuda
+python scripts/train_tiny.py --family llada --out diffulex/assets/tiny-llada [--steps 5000] [--seed 0]
+python scripts/train_tiny.py --family sdar --out diffulex/assets/tiny-sdar --steps 20000 --time-budget-s 230
 
 llada: LLaDA architecture, masked-diffusion SFT (bidirectional). sdar: SDAR/Qwen3 layout, block diffusion
 (block-causal, block size 4). See diffulex/quality/training.py for the exact objectives. At the end the
@@ -46,6 +46,13 @@ def parse_args() -> argparse.Namespace:
         help="safety stop: save and stop after this many seconds (the LR schedule is then cut short)",
     )
     parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="fit the run to this time: steps 10-60 are timed and the LR schedule's total set to the steps "
+        "that fit (at most --steps); the log and training.json give that count for an exact rerun",
+    )
+    parser.add_argument(
         "--d2f-fraction",
         type=float,
         default=defaults.d2f_fraction,
@@ -74,6 +81,7 @@ def main() -> None:
         device=args.device,
         log_every=args.log_every,
         time_limit_s=args.time_limit_s,
+        time_budget_s=args.time_budget_s,
         d2f_fraction=args.d2f_fraction,
     )
     result = train(options, log=lambda line: print(line, flush=True))

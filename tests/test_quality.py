@@ -223,6 +223,26 @@ def test_overfit_examples_are_answered_through_the_engine(family: str, tmp_path:
     assert result.accuracy == 1.0 and examples[0].prompt == README_DEMO_PROMPT
 
 
+def test_time_budget_sets_the_schedule_during_the_warmup(tmp_path: Path, one_thread) -> None:
+    from diffulex.quality.trainer import TrainOptions, WarmupCosine, steps_for_budget, train
+
+    schedule = WarmupCosine(warmup_steps=200, total_steps=4000, min_ratio=0.1)
+    assert schedule(0) == 1 / 200 and schedule(199) == 1.0 and abs(schedule(3999) - 0.1) < 1e-5
+    assert WarmupCosine(200, 20, 0.1).warmup_steps == 2  # toy runs still reach the peak
+    assert steps_for_budget(100.0, 10.0, 0.1, 60, 10_000) == 60 + int(0.95 * 90 / 0.1)
+    assert (
+        steps_for_budget(100.0, 10.0, 0.1, 60, 500) == 500 and steps_for_budget(1.0, 5.0, 0.1, 60, 500) == 61
+    )
+    options = TrainOptions(
+        "llada", str(tmp_path), steps=100, batch_size=4, size="toy", device="cpu", time_budget_s=0.01
+    )
+    result = train(options, log=lambda line: None, examples=[Example("copy", "Repeat: ab", ("ab",))])
+    record = json.loads((tmp_path / "training.json").read_text())
+    # The budget is spent by the calibration: one more step, and the schedule ends there.
+    assert result.steps_done == 61 and record["schedule_steps"] == 61
+    assert not result.stopped_early
+
+
 # ----- scripts end to end ---------------------------------------------------------------------------------
 def _run(script: str, *args: str) -> str:
     # One thread: the toy model gains nothing from two, and OpenMP threads spin badly on a busy machine.

@@ -31,9 +31,9 @@ class TrainOptions:
 
     family: str
     out_dir: str
-    steps: int = 4000
+    steps: int = 5000
     batch_size: int = 512
-    lr: float = 1e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 200
     weight_decay: float = 0.1
@@ -44,6 +44,7 @@ class TrainOptions:
     device: str = "auto"
     log_every: int = 100
     time_limit_s: float | None = None  # safety stop: saves what it has (the schedule is cut short)
+    time_budget_s: float | None = None  # size the schedule to this time (steps = the cap), see train()
     d2f_fraction: float = 0.0  # LLaDA only: share of batches in D2F's block-causal layout
 
 
@@ -65,17 +66,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1, then cosine down to ``min_ratio`` at ``total_steps``."""
-    warmup_steps = max(1, min(warmup_steps, total_steps // 10 or 1))
+@dataclass
+class WarmupCosine:
+    """LR multiplier: linear warmup to 1, then cosine down to ``min_ratio`` at ``total_steps``.
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    The warmup is capped at a tenth of the steps it is built with (toy runs); ``total_steps`` may be
+    lowered during the warmup (time budget) without changing any multiplier already used.
+    """
 
-    return factor
+    warmup_steps: int
+    total_steps: int
+    min_ratio: float
+
+    def __post_init__(self) -> None:
+        self.warmup_steps = max(1, min(self.warmup_steps, self.total_steps // 10 or 1))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+CALIBRATION = (10, 60)  # steps timed to size a time budget (after the first kernels are compiled/cached)
+
+
+def steps_for_budget(budget_s: float, elapsed_s: float, step_s: float, done: int, cap: int) -> int:
+    """Total steps that fit ``budget_s`` at ``step_s`` per step (5% margin), at most ``cap``."""
+    return max(done + 1, min(cap, done + int(0.95 * (budget_s - elapsed_s) / step_s)))
 
 
 def build_optimizer(model: TinyDiffusionLM, options: TrainOptions, device: torch.device) -> torch.optim.AdamW:
@@ -89,9 +107,19 @@ def build_optimizer(model: TinyDiffusionLM, options: TrainOptions, device: torch
     return torch.optim.AdamW(groups, lr=options.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train(options: TrainOptions, log: Log = print, examples: list[Example] | None = None) -> TrainResult:
     """Train ``options.family`` on the task suite (or on ``examples``, e.g. to overfit a handful in a
-    test) and write the checkpoint to ``options.out_dir``."""
+    test) and write the checkpoint to ``options.out_dir``.
+
+    With ``time_budget_s``, steps ``CALIBRATION`` are timed and the schedule's total is set, during the
+    warmup, to the steps that fit the budget (``options.steps`` is then the cap). The run is recorded with
+    that total: the same options with ``steps`` = it and no budget give the same schedule and batches.
+    """
     device = resolve_device(options.device)
     torch.manual_seed(options.seed)
     config = model_config(options.family, options.size)
@@ -110,9 +138,7 @@ def train(options: TrainOptions, log: Log = print, examples: list[Example] | Non
         f"{rows.sequences.shape[1]} tokens, {options.steps} steps x {options.batch_size} on {device}"
     )
     optimizer = build_optimizer(model, options, device)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(options.warmup_steps, options.steps, options.min_lr_ratio)
-    )
+    schedule = WarmupCosine(options.warmup_steps, options.steps, options.min_lr_ratio)
     generator = torch.Generator(device=device).manual_seed(options.seed)
     lengths = random.Random(f"{options.seed}:gen_lengths")  # host-side: no device sync per batch
     if options.d2f_fraction and options.family != "llada":
@@ -123,8 +149,13 @@ def train(options: TrainOptions, log: Log = print, examples: list[Example] | Non
     running = torch.zeros((), device=device)
     losses: list[tuple[int, float]] = []
     steps_done, stopped_early = 0, False
+    calibration_start = 0.0
     model.train()
     for step in range(options.steps):
+        if step >= schedule.total_steps:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = options.lr * schedule(step)
         layout = "llada_d2f" if lengths.random() < options.d2f_fraction else options.family
         batch = BATCH_BUILDERS[layout](rows, options.batch_size, generator, choose_gen_length(lengths))
         with autocast:
@@ -134,20 +165,32 @@ def train(options: TrainOptions, log: Log = print, examples: list[Example] | Non
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
         running += loss.detach()
         steps_done = step + 1
-        last = steps_done == options.steps
+        if options.time_budget_s is not None and steps_done in CALIBRATION:
+            _synchronize(device)
+            if steps_done == CALIBRATION[0]:
+                calibration_start = time.monotonic()
+            else:
+                step_s = (time.monotonic() - calibration_start) / (CALIBRATION[1] - CALIBRATION[0])
+                schedule.total_steps = steps_for_budget(
+                    options.time_budget_s, time.monotonic() - start, step_s, steps_done, options.steps
+                )
+                log(
+                    f"[{options.family}] {1000 * step_s:.1f} ms/step: {schedule.total_steps} steps fit the "
+                    f"time budget of {options.time_budget_s:.0f}s (rerun: --steps {schedule.total_steps})"
+                )
+        last = steps_done == schedule.total_steps
         if steps_done % options.log_every == 0 or last:
             interval = (steps_done - 1) % options.log_every + 1
             mean_loss = running.item() / interval  # the only host sync of the loop
             running.zero_()
             losses.append((steps_done, mean_loss))
             elapsed = time.monotonic() - start
-            eta = elapsed / steps_done * (options.steps - steps_done)
+            eta = elapsed / steps_done * (schedule.total_steps - steps_done)
             log(
-                f"[{options.family}] step {steps_done}/{options.steps} loss {mean_loss:.4f} "
-                f"lr {schedule.get_last_lr()[0]:.2e} {elapsed:.0f}s elapsed, eta {eta:.0f}s"
+                f"[{options.family}] step {steps_done}/{schedule.total_steps} loss {mean_loss:.4f} "
+                f"lr {optimizer.param_groups[0]['lr']:.2e} {elapsed:.0f}s elapsed, eta {eta:.0f}s"
             )
             if options.time_limit_s is not None and elapsed > options.time_limit_s and not last:
                 log(f"[{options.family}] time limit {options.time_limit_s}s reached: stopping early")
@@ -157,6 +200,8 @@ def train(options: TrainOptions, log: Log = print, examples: list[Example] | Non
     record = {
         "options": asdict(options),
         "steps_done": steps_done,
+        "schedule_steps": schedule.total_steps,
+        "warmup_steps": schedule.warmup_steps,
         "stopped_early": stopped_early,
         "num_parameters": num_params,
         "losses": losses,
@@ -171,4 +216,12 @@ def train(options: TrainOptions, log: Log = print, examples: list[Example] | Non
     return TrainResult(out_dir, steps_done, final, elapsed, stopped_early, losses)
 
 
-__all__ = ["TrainOptions", "TrainResult", "build_optimizer", "resolve_device", "train", "warmup_cosine"]
+__all__ = [
+    "TrainOptions",
+    "TrainResult",
+    "WarmupCosine",
+    "build_optimizer",
+    "resolve_device",
+    "steps_for_budget",
+    "train",
+]
