@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from diffulex.engine.engine import Engine
-from diffulex.engine.replica import stream_progress
+from diffulex.engine.replica_messages import stream_progress
 from diffulex.request import RequestOutput
 from diffulex.sampling_params import SamplingParams
 

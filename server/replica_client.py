@@ -22,14 +22,8 @@ from typing import Any
 
 from diffulex.config import EngineConfig
 from diffulex.engine.engine import QueueFullError
-from diffulex.engine.replica import (
-    AbortCommand,
-    AddCommand,
-    Rejection,
-    ReplicaOptions,
-    ReplicaProcess,
-    Report,
-)
+from diffulex.engine.replica import ReplicaProcess
+from diffulex.engine.replica_messages import AbortCommand, AddCommand, Rejection, ReplicaOptions, Report
 from diffulex.models.loader import load_tokenizer
 from diffulex.request import RequestOutput
 from diffulex.sampling_params import SamplingParams
@@ -99,6 +93,8 @@ class DataParallelClient:
         self._load = [0] * size  # unfinished requests per replica, as this client sees them
         self._num_routed = [0] * size
         self._replica_stats: list[dict[str, Any]] = [{} for _ in range(size)]
+        # The tokenizer first: a bad checkpoint fails here, before any process is started.
+        tokenizer = load_tokenizer(config.model, base_model=config.base_model)
         self.replicas = [ReplicaProcess(i, config, options, heartbeat_timeout_s) for i in range(size)]
         try:
             infos = [replica.wait_ready(startup_timeout_s) for replica in self.replicas]  # built in parallel
@@ -109,7 +105,7 @@ class DataParallelClient:
         first = infos[0]
         self.engine = ServedEngine(
             config=config,
-            tokenizer=load_tokenizer(config.model, base_model=config.base_model),
+            tokenizer=tokenizer,
             strategy_name=first.strategy_name,
             mask_token_id=first.mask_token_id,
             max_model_len=first.max_model_len,

@@ -111,6 +111,12 @@ def test_data_parallel_size_is_an_engine_option(tiny_sdar: Path, monkeypatch: py
     assert [config.data_parallel_size for config in launched] == [3, 3]
 
 
+def test_a_replica_that_cannot_build_its_engine_stops_the_launch(tiny_sdar: Path) -> None:
+    config = load_engine_config(model=str(tiny_sdar), data_parallel_size=2, **{**OPTIONS, "strategy": "nope"})
+    with pytest.raises(RuntimeError, match=r"replica 0 failed to start: .*nope"):
+        DataParallelClient(config, startup_timeout_s=60)
+
+
 # ----- two live replicas ---------------------------------------------------------------------------------
 def test_hundred_concurrent_requests_spread_match_offline_and_free_pages(
     dp: DataParallel, make_llm: Callable[..., LLM]
