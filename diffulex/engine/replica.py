@@ -179,6 +179,8 @@ def replica_main(
     index: int, config: EngineConfig, commands: Any, reports: Any, options: ReplicaOptions
 ) -> None:
     """Entry point of a replica process: build the engine, say so, then serve commands until told to stop."""
+    # Ctrl-C reaches the whole process group: the server drains, then stops its replicas itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import torch
 
