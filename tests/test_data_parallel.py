@@ -138,7 +138,8 @@ def test_hundred_concurrent_requests_spread_match_offline_and_free_pages(
     assert [r.status_code for r in responses] == [200] * 100, responses[0].text
     assert [r.json()["choices"][0]["token_ids"] for r in responses] == expected
     served = [dp.replica(i)["num_routed"] - before[i] for i in range(2)]
-    assert sum(served) == 100 and min(served) >= 40, f"unfair routing: {served}"
+    # Least-loaded routing splits a burst evenly; a replica that finishes early may take a few more.
+    assert sum(served) == 100 and min(served) >= 35, f"unfair routing: {served}"
 
     def pages_whole(index: int) -> bool:
         stats = dp.replica(index)
