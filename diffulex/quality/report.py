@@ -104,6 +104,7 @@ def plot(reports: list[ModelReport], path: Path) -> bool:
         axis.set_title(f"{report.name} ({report.family})")
         axis.set_xlabel("tokens per forward")
         axis.set_ylabel("exact match (%)")
+        axis.set_ylim(-2, 102)  # the same scale on every panel
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
