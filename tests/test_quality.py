@@ -43,7 +43,8 @@ def test_suite_is_deterministic_and_split_disjoint() -> None:
     train_prompts = {example.prompt for example in train}
     single = [example for example in test if example.task not in MULTI_ANSWER_TASKS]
     assert single and not any(example.prompt in train_prompts for example in single)
-    assert README_DEMO_PROMPT in {example.prompt for example in test}
+    assert README_DEMO_PROMPT not in {example.prompt for example in test}  # a trained demo, not a test
+    assert README_DEMO_PROMPT in train_prompts
     assert len({example.prompt for example in test}) == len(test)
 
 
@@ -220,7 +221,7 @@ def test_overfit_examples_are_answered_through_the_engine(family: str, tmp_path:
     train(options, log=lambda line: None, examples=examples)
     [result] = evaluate(str(tmp_path), [default_setting(family)], examples, {"device": "cpu"})
     assert [sample["output"] for sample in result.samples] == [e.answers[0] for e in examples]
-    assert result.accuracy == 1.0 and examples[0].prompt == README_DEMO_PROMPT
+    assert result.accuracy == 1.0
 
 
 def test_time_budget_sets_the_schedule_during_the_warmup(tmp_path: Path, one_thread) -> None:

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 MAX_ANSWER_CHARS = 14  # with the end-of-turn token, every answer fits a 16-token generation
 DEFAULT_TRAIN_PER_TASK = 10_000
 DEFAULT_TEST_PER_TASK = 40
-README_DEMO_PROMPT = "What is 15 times 23?"  # the quick start's question: kept in the test split
+# The quick start's question. Two-digit multiplication does not generalise at this model size (about 25%
+# exact on held-out pairs after four minutes of training), so the demo is a TRAINED example: it is placed
+# in the training split (DEMO_COPIES rows) and kept out of the test split, and the docs say so.
+README_DEMO_PROMPT = "What is 15 times 23?"
+DEMO_COPIES = 64
+# Rows per task are multiplied by these: the arithmetic tasks are the hardest to learn.
+TRAIN_WEIGHTS = {"multiplication": 3, "addition": 2}
 
 # (country, capital, region): a small fixed table of facts, every name at most MAX_ANSWER_CHARS long.
 CAPITALS: tuple[tuple[str, str, str], ...] = (
@@ -253,14 +259,15 @@ def _test_split(task: Task, seed: int, per_task: int) -> list[Example]:
     if task.multi_answer:
         per_task = min(per_task, 12)  # few distinct prompts; greedy decoding of a repeat adds nothing
     examples = _distinct(lambda: task.sample(rng), per_task, task.name, allow_fewer=task.multi_answer)
-    if task.name == "multiplication" and all(e.prompt != README_DEMO_PROMPT for e in examples):
-        examples[0] = Example(task.name, README_DEMO_PROMPT, (str(15 * 23),))
-    return examples
+    return [example for example in examples if example.prompt != README_DEMO_PROMPT]
 
 
 def _train_split(task: Task, seed: int, per_task: int, test_prompts: set[str]) -> list[Example]:
     rng = _task_rng(seed, task.name, "train")
     rows: list[Example] = []
+    if task.name == "multiplication":
+        rows += [Example(task.name, README_DEMO_PROMPT, (str(15 * 23),))] * DEMO_COPIES
+    per_task *= TRAIN_WEIGHTS.get(task.name, 1)
     attempts = 0
     while len(rows) < per_task:
         attempts += 1
