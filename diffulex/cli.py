@@ -31,10 +31,13 @@ def generate(
     steps: Annotated[int | None, typer.Option(help="Total denoising steps (default: max_tokens).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Confidence-threshold unmasking.")] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Always return max_tokens tokens.")] = False,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Send the prompt as is, without the model's chat template.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
 ) -> None:
     """Generate a completion for each --prompt and print it."""
-    from diffulex.llm import LLM
+    from diffulex.llm import LLM, chat_prompt_ids
     from diffulex.sampling_params import SamplingParams
 
     try:
@@ -47,7 +50,10 @@ def generate(
             threshold=threshold,
             ignore_eos=ignore_eos,
         )
-        outputs = llm.generate(list(prompt), params)
+        tokenizer = llm.tokenizer
+        chat = not raw and tokenizer is not None and getattr(tokenizer, "chat_template", None)
+        inputs = [chat_prompt_ids(tokenizer, text) for text in prompt] if chat else list(prompt)
+        outputs = llm.generate(inputs, params)
     except (ConfigError, ValueError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None

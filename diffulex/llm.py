@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -16,21 +15,31 @@ from diffulex.request import RequestOutput
 from diffulex.sampling_params import SamplingParams
 
 Prompt = str | list[int]
-DEFAULT_MODEL_DIR = (
-    Path(os.environ.get("DIFFULEX_HOME", Path.home() / ".cache" / "diffulex")) / "tiny-llada-random"
-)
+# The bundled default: a 4.3M-parameter LLaDA-architecture model trained on the synthetic task suite
+# (scripts/train_tiny.py; docs/quality.md). A sibling SDAR-style block-diffusion model is "tiny-sdar".
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODEL = "tiny-llada"
 
 
 def default_model_path() -> str:
-    """The bundled default model: a tiny random LLaDA-layout checkpoint, written on first use.
+    """The bundled default model's folder (shipped inside the package)."""
+    path = BUNDLED_MODELS_DIR / DEFAULT_MODEL
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"the bundled model is missing at {path}; reinstall diffulex or pass a checkpoint folder"
+        )
+    return str(path)
 
-    Its weights are random, so its output is noise; it exists so that every command works offline.
+
+def chat_prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """One user turn through the tokenizer's chat template, assistant header appended, as token ids.
+
+    The rendered template already holds its special tokens, so it is encoded without adding more (the
+    server's /v1/chat/completions does the same).
     """
-    if not (DEFAULT_MODEL_DIR / "config.json").exists():
-        from diffulex.models.tiny_checkpoint import write_tiny_checkpoint
-
-        write_tiny_checkpoint("llada", DEFAULT_MODEL_DIR, seed=0, with_tokenizer=True)
-    return str(DEFAULT_MODEL_DIR)
+    messages = [{"role": "user", "content": text}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer.encode(rendered, add_special_tokens=False))
 
 
 def _file_names_model(config: str | Path | None) -> bool:
