@@ -72,7 +72,9 @@ class EngineConfig(BaseModel):
     attention_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="auto = Triton on CUDA, the torch reference on CPU."
     )
-    fused_sampling: bool = Field(True, description="Greedy top-1/confidence with the Triton kernel on CUDA.")
+    fused_sampling: bool = Field(
+        True, description="Greedy and temperature sampling with the fused Triton kernels on CUDA."
+    )
     denoise_iterations_per_sync: int = Field(
         8,
         ge=1,
