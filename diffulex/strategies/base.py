@@ -135,6 +135,30 @@ class Strategy(ABC):
             request.tokens[positions[index]] = int(output.token_ids[index])
 
 
+class BlockRegionStrategy(Strategy):
+    """A strategy that decodes absolute blocks (``position // block_size``) one after another.
+
+    The generation region ends at the block boundary after ``prompt + max_tokens`` (the output is cut to
+    ``max_tokens``); the prompt's whole blocks are prefilled together and are what the prefix cache may
+    share. ``block_diffusion`` and ``fast_dllm_v2`` share this geometry.
+    """
+
+    uses_prefix_cache = True
+
+    def _region_end(self, request: Request) -> int:
+        total = request.num_prompt + request.params.max_tokens
+        return -(-total // self.block_size) * self.block_size
+
+    def _prefill_end(self, request: Request) -> int:
+        return request.num_prompt // self.block_size * self.block_size
+
+    def generation_length(self, request: Request) -> int:
+        return self._region_end(request) - request.num_prompt
+
+    def prefix_cacheable_len(self, request: Request) -> int:
+        return self._prefill_end(request)
+
+
 _REGISTRY: dict[str, type[Strategy]] = {}
 
 

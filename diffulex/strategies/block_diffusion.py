@@ -21,25 +21,17 @@ from __future__ import annotations
 from diffulex.request import Request
 from diffulex.sampling.selection import even_schedule, select_above, select_top_k
 from diffulex.step import SequenceOutput, SequencePlan
-from diffulex.strategies.base import Strategy, register_strategy
+from diffulex.strategies.base import BlockRegionStrategy, register_strategy
 
 DEFAULT_DYNAMIC_THRESHOLD = 0.9
 MAX_LOOP_ITERATIONS = 64  # device-loop counts stated per plan (the engine caps the loop length itself)
 
 
 @register_strategy
-class BlockDiffusionStrategy(Strategy):
+class BlockDiffusionStrategy(BlockRegionStrategy):
     """SDAR block diffusion (see module docstring)."""
 
     name = "block_diffusion"
-    uses_prefix_cache = True
-
-    def _region_end(self, request: Request) -> int:
-        total = request.num_prompt + request.params.max_tokens
-        return -(-total // self.block_size) * self.block_size
-
-    def _prefill_end(self, request: Request) -> int:
-        return request.num_prompt // self.block_size * self.block_size
 
     def _remasking(self, request: Request) -> str:
         if self.options.remasking is not None:
@@ -50,12 +42,6 @@ class BlockDiffusionStrategy(Strategy):
         if self.options.fuse_block_store:
             return [self.block_size, 2 * self.block_size]  # a block alone, or stored block + next block
         return [self.block_size]
-
-    def generation_length(self, request: Request) -> int:
-        return self._region_end(request) - request.num_prompt
-
-    def prefix_cacheable_len(self, request: Request) -> int:
-        return self._prefill_end(request)
 
     def start(self, request: Request) -> None:
         super().start(request)

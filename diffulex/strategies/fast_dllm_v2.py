@@ -34,7 +34,7 @@ import numpy as np
 from diffulex.request import Request
 from diffulex.sampling.selection import select_above, select_top_k
 from diffulex.step import SequenceOutput, SequencePlan
-from diffulex.strategies.base import Strategy, StrategyOptions, register_strategy
+from diffulex.strategies.base import BlockRegionStrategy, StrategyOptions, register_strategy
 
 DEFAULT_THRESHOLD = 0.9  # v2/eval.py's default (the checkpoint's ``generate`` defaults to 1)
 DEFAULT_SMALL_BLOCK_SIZE = 8  # v2/eval.py and ``generate``
@@ -68,11 +68,10 @@ def resolve_small_block_size(block_size: int, small_block_size: int | None) -> i
 
 
 @register_strategy
-class FastDLLMV2Strategy(Strategy):
+class FastDLLMV2Strategy(BlockRegionStrategy):
     """Fast-dLLM v2 block + sub-block decoding with the next-token store forward (see module docstring)."""
 
     name = "fast_dllm_v2"
-    uses_prefix_cache = True
 
     def __init__(self, options: StrategyOptions):
         super().__init__(options)
@@ -103,19 +102,6 @@ class FastDLLMV2Strategy(Strategy):
         if self.use_block_cache and self.small_block_size < self.block_size:
             return [self.small_block_size, self.block_size]
         return [self.block_size]
-
-    def _region_end(self, request: Request) -> int:
-        total = request.num_prompt + request.params.max_tokens
-        return -(-total // self.block_size) * self.block_size
-
-    def _prefill_end(self, request: Request) -> int:
-        return request.num_prompt // self.block_size * self.block_size
-
-    def generation_length(self, request: Request) -> int:
-        return self._region_end(request) - request.num_prompt
-
-    def prefix_cacheable_len(self, request: Request) -> int:
-        return self._prefill_end(request)
 
     def start(self, request: Request) -> None:
         super().start(request)
