@@ -169,22 +169,23 @@ class Engine:
         self.num_steps += 1
         uncond = set(step_plan.cfg_pairs.values())
         outputs = [out for index, out in enumerate(output.sequences) if index not in uncond]
-        looping: list[tuple[Request, SequencePlan, int]] = []
+        # (request, its loop plan, its index in the step, the output row of each of its sampled indices)
+        looping: list[tuple[Request, SequencePlan, int, dict[int, int]]] = []
         for index, (request, plan, seq_output) in enumerate(zip(requests, plans, outputs)):
             result = self._apply(request, plan, seq_output)
             if result is not None:
                 finished.append(result)
             elif output.iterations and self._device_agreed(request, plan, plan, seq_output):
-                looping.append((request, plan, index))
+                row_of = {query_index: row for row, query_index in enumerate(plan.sample_indices)}
+                looping.append((request, plan, index, row_of))
         # Device-loop iterations: replayed one by one through the strategy, as if each were a step.
         for iteration in output.iterations:
-            still: list[tuple[Request, SequencePlan, int]] = []
-            for request, loop_plan, index in looping:
-                plan = self._replan_in_loop(request, loop_plan)
+            still: list[tuple[Request, SequencePlan, int, dict[int, int]]] = []
+            for request, loop_plan, index, row_of in looping:
+                plan = self._replan_in_loop(request, loop_plan, row_of)
                 if plan is None:
                     continue
-                where = {query_index: row for row, query_index in enumerate(loop_plan.sample_indices)}
-                rows = np.asarray([where[j] for j in plan.sample_indices], dtype=np.int64)
+                rows = np.asarray([row_of[j] for j in plan.sample_indices], dtype=np.int64)
                 loop_output = iteration[index]
                 seq_output = SequenceOutput(
                     loop_output.token_ids[rows], loop_output.confidences[rows], failed=loop_output.failed
@@ -193,7 +194,7 @@ class Engine:
                 if result is not None:
                     finished.append(result)
                 elif self._device_agreed(request, loop_plan, plan, loop_output):
-                    still.append((request, loop_plan, index))
+                    still.append((request, loop_plan, index, row_of))
             looping = still
         return finished
 
@@ -213,17 +214,15 @@ class Engine:
             return self._fail(request, f"update failed: {error}")
         return self._check_finished(request, done)
 
-    def _replan_in_loop(self, request: Request, loop_plan: SequencePlan) -> SequencePlan | None:
+    def _replan_in_loop(
+        self, request: Request, loop_plan: SequencePlan, row_of: dict[int, int]
+    ) -> SequencePlan | None:
         """The strategy's plan for the next loop iteration, or None when it left the loop's query (the
         block finished): the device's remaining iterations for this request are then unused."""
         plan = self.strategy.plan(request)
         plan.step_index = request.num_steps
         same_query = plan.positions == loop_plan.positions and plan.store_range[1] <= plan.store_range[0]
-        if (
-            not same_query
-            or not plan.sample_indices
-            or not set(plan.sample_indices) <= set(loop_plan.sample_indices)
-        ):
+        if not same_query or not plan.sample_indices or any(j not in row_of for j in plan.sample_indices):
             return None
         return plan
 
