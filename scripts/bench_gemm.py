@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from diffulex.kernels.skinny_gemm import skinny_gemm_triton
-from triton.testing import do_bench_cudagraph
+from triton.testing import do_bench, do_bench_cudagraph
 
 SHAPES = {  # name: (N, K) of weight [N, K]
     "qkv_proj": (3 * 4096, 4096),
@@ -38,15 +38,17 @@ def record(base: dict, kernel: str, ms: float, config: dict | None = None) -> di
         "kernel": kernel,
         "us": 1000 * ms,
         "fraction_of_copy_rate": floor_us / (1000 * ms),
+        "weight_read_gbs": base["n"] * base["k"] * 2 / (ms * 1e-3) / 1e9,
         "config": config,
     }
 
 
 def copy_gbs() -> float:
-    """Device-to-device copy rate (read + write bytes per second) of a 2 GB buffer."""
+    """Device-to-device copy rate (read + write bytes per second) of a 2 GB buffer, measured as
+    ``scripts/bench_gpu.py`` does (median of separate launches; a graph-captured copy runs slower)."""
     src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
-    ms = do_bench_cudagraph(lambda: dst.copy_(src), rep=50)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
     return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
 
 
