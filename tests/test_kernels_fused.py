@@ -89,6 +89,11 @@ def _build_cases() -> dict[str, dict]:
     cases["rope-inv_freq-contiguous"] = dict(
         op="rope", args=(positions, q.contiguous(), k.contiguous(), 64), kwargs=dict(inv_freq=inv_freq)
     )
+    # Head blocks smaller than the head counts: several q blocks, a ragged last one, a k block.
+    q, k = _packed_qkv(8, 6, 3, 64, seed=22)
+    cases["rope-head-blocks"] = dict(
+        op="rope", args=(positions, q, k, 64), kwargs=dict(base=10000.0), kernel_kwargs=dict(block_heads=4)
+    )
     q16, k16 = _packed_qkv(8, 4, 2, 48, seed=21, dtype=torch.bfloat16)
     cases["rope-bf16-partial"] = dict(op="rope", args=(positions, q16, k16, 32), kwargs=dict(base=10000.0))
     # SiLU-mul: several column tiles with a ragged last one, chunks of a fused gate|up projection.
