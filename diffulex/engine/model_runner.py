@@ -4,6 +4,10 @@ It copies the plan into tensors, installs the per-step attention context, runs t
 logits only at the sampled rows (one row earlier for shifted-logit families), and samples on the device,
 so only token ids and confidences come back to the host. The CUDA-graph and Triton paths slot in here
 without changing what goes in or out.
+
+Under tensor parallelism every rank has a ModelRunner over its shard of the model and of the KV cache
+(its KV heads only); ``step_logits`` is the part all ranks run together (its collectives must match), and
+only rank 0 gets logits back and samples (``diffulex.engine.tp_workers`` drives the other ranks).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from diffulex.engine.cuda_graphs import CudaGraphRunner
 from diffulex.engine.denoise_loop import loop_iterations, run_denoise_loop, write_rows
 from diffulex.layers.attention import Attention
 from diffulex.layers.context import AttentionContext, set_context, single_sequence_context
+from diffulex.layers.parallel_state import get_parallel_state, min_over_ranks, split_heads
 from diffulex.models.loader import load_model
 from diffulex.models.registry import ModelSpec
 from diffulex.sampling.confidence import sample_tokens
@@ -60,13 +65,17 @@ class ModelRunner:
             model_and_spec = load_model(config.model, self.dtype, self.device, base_model=config.base_model)
         self.model, self.spec = model_and_spec
         self.model.eval()
+        self.parallel = get_parallel_state()
+        # This rank's KV heads (all of them at one rank): the cache holds only those.
+        self.num_kv_heads = split_heads(self.spec.num_heads, self.spec.num_kv_heads).num_kv_heads
         self.page_size = config.page_size
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         backend = config.attention_backend
         if backend == "triton" and self.device.type != "cuda":
             raise ValueError("attention_backend 'triton' needs a CUDA device; use 'torch' or 'auto' on CPU")
         self.use_triton = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
-        self.num_pages = self._num_pages(self.max_model_len)
+        # Every rank must have the same pages (rank 0's scheduler hands out page ids for all of them).
+        self.num_pages = min_over_ranks(self._num_pages(self.max_model_len), self.device)
         self._allocate_kv_cache()
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
         self.graphs: CudaGraphRunner | None = None  # the smallest query size's graphs
@@ -100,7 +109,7 @@ class ModelRunner:
     def _bytes_per_page(self) -> int:
         spec: ModelSpec = self.spec
         element = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * spec.num_layers * self.page_size * spec.num_kv_heads * spec.head_dim * element
+        return 2 * spec.num_layers * self.page_size * self.num_kv_heads * spec.head_dim * element
 
     def _num_pages(self, max_model_len: int) -> int:
         if self.config.num_kv_pages is not None:
@@ -149,7 +158,7 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> None:
         spec = self.spec
-        shape = (2, spec.num_layers, self.num_pages, self.page_size, spec.num_kv_heads, spec.head_dim)
+        shape = (2, spec.num_layers, self.num_pages, self.page_size, self.num_kv_heads, spec.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         if len(layers) != spec.num_layers:
@@ -192,19 +201,28 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan, mask_token_id: int, iterations: int = 1) -> StepOutput:
         """Run the plan; with ``iterations`` > 1 and a plan that allows it, a device loop of that many
-        greedy denoise iterations (``diffulex.engine.denoise_loop``): its outputs carry ``iterations``."""
-        iterations = loop_iterations(plan, iterations)
-        graphs = next((g for g in self.graph_sets if g.can_run(plan)), None)
+        greedy denoise iterations (``diffulex.engine.denoise_loop``): its outputs carry ``iterations``.
+        Under tensor parallelism one iteration per call (the loop would need its tokens broadcast)."""
+        iterations = loop_iterations(plan, iterations) if self.parallel.tp_size == 1 else 1
         if iterations > 1:
+            graphs = next((g for g in self.graph_sets if g.can_run(plan)), None)
             return self._execute_loop(plan, mask_token_id, iterations, graphs)
+        logits = self.step_logits(plan)
+        if logits is None:
+            return StepOutput([])  # a tensor-parallel worker: rank 0 samples
+        return self._sample(plan, logits, mask_token_id)
+
+    @torch.inference_mode()
+    def step_logits(self, plan: StepPlan) -> torch.Tensor | None:
+        """The model over the plan and the logits of its sampled rows (replayed from a CUDA graph when one
+        fits). Tensor parallel: every rank runs this with the same plan; rank 0 gets the logits, the
+        others None."""
+        graphs = next((g for g in self.graph_sets if g.can_run(plan)), None)
         if graphs is not None:
             hidden_rows = graphs.run(plan)
-            logits = (
-                self.model.compute_logits(hidden_rows)
-                if hidden_rows.shape[0]
-                else hidden_rows.new_zeros(0, 1)
-            )
-            return self._sample(plan, logits, mask_token_id)
+            if not hidden_rows.shape[0]:
+                return hidden_rows.new_zeros(0, 1)
+            return self.model.compute_logits(hidden_rows)
         input_ids = torch.from_numpy(plan.input_ids).to(self.device)
         positions = torch.from_numpy(plan.positions).to(self.device)
         set_context(self._context(plan))
@@ -213,8 +231,7 @@ class ModelRunner:
         finally:
             set_context(None)
         rows = torch.from_numpy(plan.sample_rows).to(self.device)
-        logits = self.model.compute_logits(hidden[rows]) if rows.numel() else hidden.new_zeros(0, 1)
-        return self._sample(plan, logits, mask_token_id)
+        return self.model.compute_logits(hidden[rows]) if rows.numel() else hidden.new_zeros(0, 1)
 
     def _execute_loop(
         self, plan: StepPlan, mask_token_id: int, iterations: int, graphs: CudaGraphRunner | None
@@ -378,8 +395,9 @@ class ModelRunner:
 
     # ----- research API -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def full_logits(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
-        """Raw float32 logits ``[len, vocab]`` of one full forward without any cache."""
+    def full_logits(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor | None:
+        """Raw float32 logits ``[len, vocab]`` of one full forward without any cache (None on a
+        tensor-parallel worker)."""
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         positions = torch.arange(len(token_ids), device=self.device)
         set_context(single_sequence_context(len(token_ids), self.device, torch.tensor(block_ids)))
@@ -387,7 +405,8 @@ class ModelRunner:
             hidden = self.model(input_ids, positions)
         finally:
             set_context(None)
-        return self.model.compute_logits(hidden).float().cpu()
+        logits = self.model.compute_logits(hidden)
+        return logits.float().cpu() if logits is not None else None
 
 
 __all__ = ["ModelRunner", "SampleSpec", "resolve_device", "resolve_dtype"]
