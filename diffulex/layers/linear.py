@@ -148,7 +148,7 @@ class RowParallelLinear(Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
-        state = get_parallel_state()
+        state = self.parallel = get_parallel_state()
         self.tp_size = state.tp_size
         local = divide(in_features, state.tp_size, "input features")
         self.full_in_features = in_features
@@ -163,7 +163,7 @@ class RowParallelLinear(Linear):
             return batch_invariant_linear(x, self.weight, self.bias)
         out = batch_invariant_linear(x, self.weight)
         if self.reduce:
-            all_reduce(out)
+            all_reduce(out, self.parallel)
         return out + self.bias if self.bias is not None else out
 
     def load_slice(self, leaf: str, tensor: torch.Tensor, shard: int | None = None) -> torch.Tensor:

@@ -145,6 +145,7 @@ class SparseMoeBlock(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         self.gate = Linear(hidden_size, num_experts)
         self.experts = StackedExperts(num_experts, hidden_size, intermediate_size)
+        self.parallel = get_parallel_state()  # the experts' partial sums are reduced over its group
 
     @property
     def cuda_graph_safe(self) -> bool:
@@ -164,8 +165,10 @@ class SparseMoeBlock(nn.Module):
         """``hidden [T, hidden]`` -> ``[T, hidden]``: the routing-weighted sum of each token's experts."""
         weights, expert_ids = self.route(hidden)
         if use_fused_moe(hidden):
-            return all_reduce(self.experts.fused_forward(hidden, weights, expert_ids))
-        return all_reduce(self.experts.grouped_forward(hidden, weights, expert_ids, hidden.dtype))
+            return all_reduce(self.experts.fused_forward(hidden, weights, expert_ids), self.parallel)
+        return all_reduce(
+            self.experts.grouped_forward(hidden, weights, expert_ids, hidden.dtype), self.parallel
+        )
 
 
 class GroupLimitedSigmoidRouter(nn.Module):
@@ -248,6 +251,7 @@ class GroupedSigmoidMoeBlock(nn.Module):
         self.shared_experts = (
             ExpertMLP(hidden_size, intermediate_size * num_shared_experts) if num_shared_experts else None
         )
+        self.parallel = get_parallel_state()  # the experts' partial sums are reduced over its group
 
     @property
     def cuda_graph_safe(self) -> bool:
@@ -267,4 +271,4 @@ class GroupedSigmoidMoeBlock(nn.Module):
             out = self.experts.grouped_forward(hidden, weights, expert_ids, torch.float32).to(hidden.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
-        return all_reduce(out)  # partial sums of this rank's intermediate slices
+        return all_reduce(out, self.parallel)  # partial sums of this rank's intermediate slices

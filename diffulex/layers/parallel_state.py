@@ -61,28 +61,31 @@ def tp_rank() -> int:
     return _STATE.tp_rank
 
 
-def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over the tensor-parallel ranks, in place; returns it (no-op at size 1)."""
-    if _STATE.tp_size == 1:
+def all_reduce(tensor: torch.Tensor, state: ParallelState | None = None) -> torch.Tensor:
+    """Sum ``tensor`` over the tensor-parallel ranks of ``state`` (default: the current one), in place;
+    returns it (no-op at size 1). Layers pass the state they were built with."""
+    state = state or _STATE
+    if state.tp_size == 1:
         return tensor
     import torch.distributed as dist
 
-    dist.all_reduce(tensor, group=_STATE.tp_group)
+    dist.all_reduce(tensor, group=state.tp_group)
     return tensor
 
 
-def gather_last_dim(tensor: torch.Tensor) -> torch.Tensor | None:
+def gather_last_dim(tensor: torch.Tensor, state: ParallelState | None = None) -> torch.Tensor | None:
     """Concatenate every rank's ``tensor`` along the last dimension on rank 0 (None on the others).
 
     A gather, not an all-gather: only rank 0 samples, so only it needs the whole vocabulary.
     """
-    if _STATE.tp_size == 1:
+    state = state or _STATE
+    if state.tp_size == 1:
         return tensor
     import torch.distributed as dist
 
     tensor = tensor.contiguous()
-    parts = [torch.empty_like(tensor) for _ in range(_STATE.tp_size)] if _STATE.is_driver else None
-    dist.gather(tensor, parts, dst=dist.get_global_rank(_STATE.tp_group, 0), group=_STATE.tp_group)
+    parts = [torch.empty_like(tensor) for _ in range(state.tp_size)] if state.is_driver else None
+    dist.gather(tensor, parts, dst=dist.get_global_rank(state.tp_group, 0), group=state.tp_group)
     return torch.cat(parts, dim=-1) if parts is not None else None
 
 

@@ -43,7 +43,8 @@ class VocabParallelEmbedding(nn.Embedding):
     def __init__(self, vocab_size: int, hidden_size: int):
         self.vocab_size = vocab_size
         self.vocab_start, self.vocab_rows, padded = vocab_shard(vocab_size)
-        self.tp_size = get_parallel_state().tp_size
+        self.parallel = get_parallel_state()
+        self.tp_size = self.parallel.tp_size
         # `_weight` skips nn.Embedding's random init: the checkpoint overwrites it anyway.
         super().__init__(padded, hidden_size, _weight=torch.empty(padded, hidden_size))
 
@@ -54,7 +55,7 @@ class VocabParallelEmbedding(nn.Embedding):
         owned = (local >= 0) & (local < self.vocab_rows)
         hidden = F.embedding(torch.where(owned, local, torch.zeros_like(local)), self.weight)
         hidden = hidden.masked_fill(~owned.unsqueeze(-1), 0)
-        return all_reduce(hidden)
+        return all_reduce(hidden, self.parallel)
 
     def load_slice(self, leaf: str, tensor: torch.Tensor, shard: int | None = None) -> torch.Tensor:
         return _vocab_rows(tensor, self.vocab_size, self.vocab_start, self.vocab_rows, self.num_embeddings)
@@ -70,14 +71,15 @@ class ParallelLMHead(Linear):
     def __init__(self, hidden_size: int, vocab_size: int, bias: bool = False):
         self.vocab_size = vocab_size
         self.vocab_start, self.vocab_rows, padded = vocab_shard(vocab_size)
-        self.tp_size = get_parallel_state().tp_size
+        self.parallel = get_parallel_state()
+        self.tp_size = self.parallel.tp_size
         super().__init__(hidden_size, padded, bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         logits = batch_invariant_linear(hidden, self.weight, self.bias)
         if self.tp_size == 1:
             return logits
-        gathered = gather_last_dim(logits)
+        gathered = gather_last_dim(logits, self.parallel)
         if gathered is None or gathered.shape[-1] == self.vocab_size:
             return gathered
         return gathered[..., : self.vocab_size].contiguous()  # the samplers expect dense rows
