@@ -22,7 +22,13 @@ from diffulex.engine.cuda_graphs import CudaGraphRunner
 from diffulex.engine.denoise_loop import loop_iterations, run_denoise_loop, write_rows
 from diffulex.layers.attention import Attention
 from diffulex.layers.context import AttentionContext, set_context, single_sequence_context
-from diffulex.layers.parallel_state import get_parallel_state, min_over_ranks, split_heads
+from diffulex.layers.parallel_state import (
+    ParallelState,
+    get_parallel_state,
+    min_over_ranks,
+    split_heads,
+    using_parallel_state,
+)
 from diffulex.models.loader import load_model
 from diffulex.models.registry import ModelSpec
 from diffulex.sampling.confidence import sample_tokens
@@ -53,7 +59,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class ModelRunner:
     """Runs steps of the model over the paged KV cache (see module docstring)."""
 
-    def __init__(self, config: EngineConfig, model_and_spec: tuple[torch.nn.Module, ModelSpec] | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_and_spec: tuple[torch.nn.Module, ModelSpec] | None = None,
+        parallel: ParallelState | None = None,
+    ):
         self.config = config
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
@@ -61,13 +72,27 @@ class ModelRunner:
             # lengths) and its results are not batch-invariant; MKL's BLAS path is both fast and stable.
             torch.backends.mkldnn.enabled = False
         self.dtype = resolve_dtype(config.dtype, self.device)
+        # ``parallel``: this rank of a TP group (diffulex.engine.tp_workers); default one rank, whatever else
+        # this process is part of.
+        if parallel is None:
+            parallel = ParallelState() if config.tensor_parallel_size == 1 else get_parallel_state()
+        self.parallel = parallel
+        if self.parallel.tp_size != config.tensor_parallel_size:
+            raise RuntimeError(
+                f"tensor_parallel_size={config.tensor_parallel_size} but this process is not a rank of such a "
+                "group: build the runner with diffulex.engine.tp_workers.create_runner"
+            )
         if model_and_spec is None:
-            model_and_spec = load_model(config.model, self.dtype, self.device, base_model=config.base_model)
+            with using_parallel_state(self.parallel):  # the layers read it to pick their shards
+                model_and_spec = load_model(
+                    config.model, self.dtype, self.device, base_model=config.base_model
+                )
         self.model, self.spec = model_and_spec
         self.model.eval()
-        self.parallel = get_parallel_state()
         # This rank's KV heads (all of them at one rank): the cache holds only those.
-        self.num_kv_heads = split_heads(self.spec.num_heads, self.spec.num_kv_heads).num_kv_heads
+        self.num_kv_heads = split_heads(
+            self.spec.num_heads, self.spec.num_kv_heads, self.parallel.tp_rank, self.parallel.tp_size
+        ).num_kv_heads
         self.page_size = config.page_size
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         backend = config.attention_backend
@@ -75,7 +100,7 @@ class ModelRunner:
             raise ValueError("attention_backend 'triton' needs a CUDA device; use 'torch' or 'auto' on CPU")
         self.use_triton = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
         # Every rank must have the same pages (rank 0's scheduler hands out page ids for all of them).
-        self.num_pages = min_over_ranks(self._num_pages(self.max_model_len), self.device)
+        self.num_pages = min_over_ranks(self._num_pages(self.max_model_len), self.device, self.parallel)
         self._allocate_kv_cache()
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
         self.graphs: CudaGraphRunner | None = None  # the smallest query size's graphs

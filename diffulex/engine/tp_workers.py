@@ -36,7 +36,7 @@ import torch
 
 from diffulex.config import EngineConfig
 from diffulex.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
-from diffulex.layers.parallel_state import ParallelState, reset_parallel_state, set_parallel_state
+from diffulex.layers.parallel_state import ParallelState, using_parallel_state
 from diffulex.step import StepOutput, StepPlan
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,10 @@ DEATH_GRACE_S = 2.0  # after a failed collective: how long a peer has to be reap
 
 class TensorParallelError(RuntimeError):
     """The tensor-parallel group is broken (a rank died or a collective failed); it does not recover."""
+
+
+class TensorParallelStartError(RuntimeError):
+    """A rank could not build its shard (every rank learns which one and why)."""
 
 
 def launched_by_torchrun() -> bool:
@@ -66,9 +70,9 @@ def rank_device(device: str, rank: int) -> str:
     return f"cuda:{((resolved.index or 0) + rank) % torch.cuda.device_count()}"
 
 
-def _init_group(config: EngineConfig, rank: int, store: Any | None) -> Any:
-    """Join the default (tensor) group and create the control group; set this rank's parallel state.
-    Returns the control group."""
+def _init_group(config: EngineConfig, rank: int, store: Any | None) -> tuple[Any, ParallelState]:
+    """Join the default (tensor) group and create the control group; returns the control group and this
+    rank's parallel state (handed to the layers as they are built, never left as the process default)."""
     import torch.distributed as dist
 
     size = config.tensor_parallel_size
@@ -82,25 +86,26 @@ def _init_group(config: EngineConfig, rank: int, store: Any | None) -> Any:
     else:
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    set_parallel_state(ParallelState(tp_rank=rank, tp_size=size, tp_group=dist.group.WORLD))
-    return control
+    return control, ParallelState(tp_rank=rank, tp_size=size, tp_group=dist.group.WORLD)
 
 
-def _build_runner(config: EngineConfig, rank: int, control: Any) -> ModelRunner:
+def _build_runner(config: EngineConfig, state: ParallelState, control: Any) -> ModelRunner:
     """Load this rank's shard; every rank learns whether every other one loaded before going on (so a
     rank that cannot load stops the launch with its own error instead of a hang in a collective)."""
     import torch.distributed as dist
 
     from diffulex.models.loader import load_model
 
+    rank = state.tp_rank
     device_name = rank_device(config.device, rank)
     local = config.model_copy(update={"device": device_name})
     model_and_spec, status = None, None
     try:
         device = torch.device(device_name)
-        model_and_spec = load_model(
-            local.model, resolve_dtype(local.dtype, device), device, base_model=local.base_model
-        )
+        with using_parallel_state(state):  # the layers read it to pick their shards
+            model_and_spec = load_model(
+                local.model, resolve_dtype(local.dtype, device), device, base_model=local.base_model
+            )
     except Exception as error:  # reported to every rank below
         logger.exception("tensor-parallel rank %d failed to load its shard", rank)
         status = f"{type(error).__name__}: {error}"
@@ -108,8 +113,8 @@ def _build_runner(config: EngineConfig, rank: int, control: Any) -> ModelRunner:
     dist.all_gather_object(statuses, status, group=control)
     for index, failed in enumerate(statuses):
         if failed is not None:
-            raise RuntimeError(f"tensor-parallel rank {index} failed to start: {failed}")
-    return ModelRunner(local, model_and_spec)
+            raise TensorParallelStartError(f"tensor-parallel rank {index} failed to start: {failed}")
+    return ModelRunner(local, model_and_spec, state)
 
 
 # ----- the command channel -------------------------------------------------------------------------------
@@ -155,12 +160,11 @@ def _serve(runner: ModelRunner, control: Any) -> None:
 def _run_worker(config: EngineConfig, rank: int, store: Any | None) -> None:
     import torch.distributed as dist
 
-    control = _init_group(config, rank, store)
+    control, state = _init_group(config, rank, store)
     try:
-        _serve(_build_runner(config, rank, control), control)
+        _serve(_build_runner(config, state, control), control)
     finally:
         dist.destroy_process_group()
-        reset_parallel_state()
 
 
 def worker_main(config: EngineConfig, rank: int, port: int, cpu_threads: int | None) -> None:
@@ -232,15 +236,17 @@ class TensorParallelRunner:
         try:
             if store is not None:
                 self._wait_for_workers(store, config.distributed_timeout_s)
-            self.control = _init_group(config, 0, store)
-            self.runner = _build_runner(config, 0, self.control)
+            self.control, state = _init_group(config, 0, store)
+            self.runner = _build_runner(config, state, self.control)
         except Exception as error:
-            self._stop_workers()
+            # A rank that could not load says why; otherwise a worker that died is the likely cause.
+            reason = str(error)
+            if not isinstance(error, TensorParallelStartError):
+                reason = self._dead_rank(DEATH_GRACE_S) or reason
+            self._stop_workers(timeout_s=5.0)  # after a start error they exit on their own
             if dist.is_initialized():
                 dist.destroy_process_group()
-            reset_parallel_state()
-            dead = self._dead_rank()
-            raise RuntimeError(dead or str(error)) from error
+            raise RuntimeError(reason) from error
 
     def _start_workers(self, config: EngineConfig, port: int) -> None:
         context = multiprocessing.get_context("spawn")  # a forked child cannot use CUDA
@@ -351,7 +357,6 @@ class TensorParallelRunner:
         self._stop_workers(timeout_s)
         if dist.is_initialized():
             dist.destroy_process_group()
-        reset_parallel_state()
 
     def _stop_workers(self, timeout_s: float = 0.0) -> None:
         deadline = time.monotonic() + timeout_s

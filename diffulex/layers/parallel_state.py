@@ -11,6 +11,8 @@ Room is left for expert parallelism: an ``ep_*`` triple would sit beside the ``t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,17 @@ def set_parallel_state(state: ParallelState) -> None:
     if not 0 <= state.tp_rank < state.tp_size:
         raise ValueError(f"tp_rank {state.tp_rank} is outside [0, tp_size={state.tp_size})")
     _STATE = state
+
+
+@contextmanager
+def using_parallel_state(state: ParallelState) -> Iterator[ParallelState]:
+    """Build layers under ``state`` (e.g. a one-rank model in a process that is also a TP rank 0)."""
+    previous = _STATE
+    set_parallel_state(state)
+    try:
+        yield state
+    finally:
+        set_parallel_state(previous)
 
 
 def reset_parallel_state() -> None:
@@ -89,14 +102,15 @@ def gather_last_dim(tensor: torch.Tensor, state: ParallelState | None = None) ->
     return torch.cat(parts, dim=-1) if parts is not None else None
 
 
-def min_over_ranks(value: int, device: torch.device) -> int:
+def min_over_ranks(value: int, device: torch.device, state: ParallelState | None = None) -> int:
     """The smallest ``value`` over the tensor-parallel ranks (``value`` itself at size 1)."""
-    if _STATE.tp_size == 1:
+    state = state or _STATE
+    if state.tp_size == 1:
         return value
     import torch.distributed as dist
 
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=_STATE.tp_group)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=state.tp_group)
     return int(tensor.item())
 
 
