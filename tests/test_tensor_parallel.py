@@ -79,18 +79,27 @@ def run_engine(engine: Engine, batch: list[list[int]]) -> list[list[int]]:
     return [done[i].token_ids for i in ids]
 
 
-def test_greedy_outputs_equal_one_rank(tp_case: TPCase, make_llm: Callable[..., LLM]) -> None:
+def test_greedy_outputs_equal_one_rank(
+    tp_case: TPCase, make_llm: Callable[..., LLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
     batch = prompts()
+    rank0 = tp_case.runner.runner
+    loops = []  # block_diffusion steps run the device loop, its tokens broadcast to the worker
+    original_loop = rank0._execute_loop
+    monkeypatch.setattr(rank0, "_execute_loop", lambda *args: loops.append(args[2]) or original_loop(*args))
     for strategy in tp_case.strategies:
         reference = make_llm(tp_case.path, strategy=strategy, **OPTIONS)
-        expected = [output.token_ids for output in reference.generate(batch, PARAMS)]
         config = load_engine_config(
             model=str(tp_case.path), strategy=strategy, tensor_parallel_size=2, **OPTIONS
         )
         engine = Engine(config, runner=tp_case.runner)  # type: ignore[arg-type]
-        assert run_engine(engine, batch) == expected, strategy
+        # The batch, then one request alone (its denoise steps are device loops with block_diffusion).
+        for prompts_run in (batch, batch[-1:]):
+            expected = [output.token_ids for output in reference.generate(prompts_run, PARAMS)]
+            assert run_engine(engine, prompts_run) == expected, strategy
         assert engine.kv_cache.is_whole()
         assert engine.unhealthy_reason() is None
+    assert bool(loops) == ("block_diffusion" in tp_case.strategies), loops
 
 
 def test_logits_within_float32_tolerance(tp_case: TPCase, make_llm: Callable[..., LLM]) -> None:

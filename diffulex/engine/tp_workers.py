@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from diffulex.config import EngineConfig
+from diffulex.engine.denoise_loop import loop_iterations
 from diffulex.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from diffulex.layers.parallel_state import ParallelState, using_parallel_state
 from diffulex.step import StepOutput, StepPlan
@@ -146,7 +147,11 @@ def _serve(runner: ModelRunner, control: Any) -> None:
     while True:
         command, payload = _receive(control)
         if command == EXECUTE:
-            runner.step_logits(payload)
+            plan, iterations = payload
+            if iterations > 1:
+                runner.follow_loop(plan, iterations)
+            else:
+                runner.step_logits(plan)
         elif command == FULL_LOGITS:
             runner.full_logits(*payload)
         elif command == ENABLE_CUDA_GRAPHS:
@@ -319,8 +324,15 @@ class TensorParallelRunner:
 
     # ----- the ModelRunner interface -------------------------------------------------------------------
     def execute(self, plan: StepPlan, mask_token_id: int, iterations: int = 1) -> StepOutput:
-        """Every rank runs the plan; rank 0 samples the gathered logits (one iteration per call)."""
-        logits = self._collective(EXECUTE, plan, lambda: self.runner.step_logits(plan))
+        """Every rank runs the plan; rank 0 samples the gathered logits. A device loop (``iterations``
+        > 1 and a plan that allows it) samples inside the collectives and broadcasts each iteration's
+        tokens to the workers."""
+        iterations = loop_iterations(plan, iterations)
+        if iterations > 1:
+            return self._collective(
+                EXECUTE, (plan, iterations), lambda: self.runner.execute(plan, mask_token_id, iterations)
+            )
+        logits = self._collective(EXECUTE, (plan, 1), lambda: self.runner.step_logits(plan))
         with torch.inference_mode():
             return self.runner._sample(plan, logits, mask_token_id)  # local: no collective left
 

@@ -102,6 +102,17 @@ def gather_last_dim(tensor: torch.Tensor, state: ParallelState | None = None) ->
     return torch.cat(parts, dim=-1) if parts is not None else None
 
 
+def broadcast_from_driver(tensor: torch.Tensor, state: ParallelState | None = None) -> torch.Tensor:
+    """Overwrite ``tensor`` on every rank with rank 0's, in place (no-op at size 1)."""
+    state = state or _STATE
+    if state.tp_size == 1:
+        return tensor
+    import torch.distributed as dist
+
+    dist.broadcast(tensor, src=dist.get_global_rank(state.tp_group, 0), group=state.tp_group)
+    return tensor
+
+
 def min_over_ranks(value: int, device: torch.device, state: ParallelState | None = None) -> int:
     """The smallest ``value`` over the tensor-parallel ranks (``value`` itself at size 1)."""
     state = state or _STATE
