@@ -58,7 +58,7 @@ def generate(
         try:
             outputs = llm.generate(inputs, params)
         finally:
-            llm.engine.close()  # tensor-parallel workers, if any
+            llm.close()  # tensor-parallel workers, if any
     except (ConfigError, ValueError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None

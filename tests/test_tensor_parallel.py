@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from diffulex import SamplingParams
-from diffulex.config import ConfigError, load_engine_config
+from diffulex.config import load_engine_config
 from diffulex.engine.engine import Engine
 from diffulex.engine.tp_workers import TensorParallelRunner
 from diffulex.llm import LLM
@@ -113,9 +113,3 @@ def test_logits_within_float32_tolerance(tp_case: TPCase, make_llm: Callable[...
     # The rank-0 runner holds half the KV heads of the model (or the one KV head, replicated).
     spec = reference.engine.spec
     assert tp_case.runner.runner.num_kv_heads == max(1, spec.num_kv_heads // 2)
-
-
-def test_tensor_parallel_size_is_validated(tiny_llada: Path) -> None:
-    assert load_engine_config(model="m").tensor_parallel_size == 1
-    with pytest.raises(ConfigError, match="tensor_parallel_size"):
-        load_engine_config(model="m", tensor_parallel_size=0)

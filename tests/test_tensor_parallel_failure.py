@@ -1,4 +1,4 @@
-"""Tensor parallelism when a rank cannot start or dies (CPU, gloo, two processes).
+"""Tensor parallelism when a rank dies (CPU, gloo, two processes).
 
 A worker killed with SIGKILL in the middle of a run: the requests it was serving and those still waiting
 fail with ``tensor-parallel rank 1 died: exit code -9`` within a bounded time, new requests are refused
@@ -14,14 +14,12 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from diffulex.server.app import create_app
 from diffulex.server.engine_client import EngineClient
 
 from diffulex import SamplingParams
 from diffulex.config import load_engine_config
 from diffulex.engine.engine import Engine
-from diffulex.engine.tp_workers import TensorParallelRunner
 
 OPTIONS = {
     "device": "cpu",
@@ -34,14 +32,6 @@ OPTIONS = {
     "distributed_timeout_s": 30,
 }
 DEATH_BOUND_S = 15.0  # the failed requests must all be answered within this after the kill
-
-
-def test_a_model_that_does_not_split_stops_the_launch_with_its_value(tiny_llada: Path) -> None:
-    config = load_engine_config(model=str(tiny_llada), tensor_parallel_size=3, **OPTIONS)
-    start = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"rank 0 failed to start: .*tensor_parallel_size=3"):
-        TensorParallelRunner(config)
-    assert time.monotonic() - start < 60
 
 
 def test_a_killed_rank_fails_pending_requests_and_health(tiny_sdar: Path) -> None:

@@ -1,0 +1,62 @@
+"""Launching tensor parallelism: the option and the CLI flag, a model that does not split, and a
+``torchrun`` launch (two processes on this host standing in for two hosts: rank 0 runs the engine, rank 1
+serves as its worker until rank 0 closes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from diffulex import SamplingParams
+from diffulex.cli import app as cli_app
+from diffulex.config import ConfigError, load_engine_config, load_serve_config
+from diffulex.engine.tp_workers import TensorParallelRunner
+from diffulex.llm import LLM
+
+OPTIONS = {"device": "cpu", "dtype": "float32", "page_size": 4, "num_kv_pages": 256, "max_model_len": 512}
+
+
+def test_tensor_parallel_size_option_and_flag(tiny_sdar: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_engine_config(model="m").tensor_parallel_size == 1
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        load_engine_config(model="m", tensor_parallel_size=0)
+    engine, _ = load_serve_config(model="m", overrides={"tensor_parallel_size": 2})
+    assert engine.tensor_parallel_size == 2
+
+    launched = []
+    monkeypatch.setattr("diffulex.server.app.build_and_run", lambda e, s: launched.append(e))
+    for args in (["--tensor-parallel-size", "2"], ["--set", "tensor_parallel_size=2"]):
+        result = CliRunner().invoke(cli_app, ["serve", "--model", str(tiny_sdar), *args])
+        assert result.exit_code == 0, result.output
+    assert [config.tensor_parallel_size for config in launched] == [2, 2]
+
+
+def test_a_model_that_does_not_split_stops_the_launch_with_its_value(tiny_llada: Path) -> None:
+    config = load_engine_config(model=str(tiny_llada), tensor_parallel_size=3, **OPTIONS)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 0 failed to start: .*tensor_parallel_size=3"):
+        TensorParallelRunner(config)
+    assert time.monotonic() - start < 60
+
+
+def test_torchrun_launch_generates_what_one_rank_does(tiny_llada: Path) -> None:
+    prompt = "abc"
+    args = ["--model", str(tiny_llada), "-p", prompt, "--raw", "--json", "--max-tokens", "8"]
+    args += [f"--set={key}={value}" for key, value in {**OPTIONS, "strategy": "vanilla"}.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "diffulex.cli", "generate", *args, "--set", "tensor_parallel_size=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 1, done.stdout  # only rank 0 prints
+    with LLM(str(tiny_llada), strategy="vanilla", **OPTIONS) as llm:
+        expected = llm.generate(prompt, SamplingParams(max_tokens=8))[0]
+    assert records[0]["token_ids"] == expected.token_ids
