@@ -136,8 +136,14 @@ def serve(
     except (ConfigError, ValueError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    from diffulex.engine.tp_workers import run_torchrun_worker
+    from diffulex.engine.tp_workers import launched_by_torchrun, run_torchrun_worker
 
+    if launched_by_torchrun() and engine_config.data_parallel_size > 1:
+        typer.echo(
+            "error: under torchrun, data_parallel_size must be 1 (torchrun's ranks are one TP group)",
+            err=True,
+        )
+        raise typer.Exit(2)
     if run_torchrun_worker(engine_config):
         return  # a torchrun rank other than 0: it served rank 0's engine until the server stopped
     from diffulex.server.app import build_and_run
