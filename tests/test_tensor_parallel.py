@@ -102,6 +102,22 @@ def test_greedy_outputs_equal_one_rank(
     assert bool(loops) == ("block_diffusion" in tp_case.strategies), loops
 
 
+def test_seeded_temperature_sampling_on_rank_0_equals_one_rank(
+    tp_case: TPCase, make_llm: Callable[..., LLM]
+) -> None:
+    strategy = tp_case.strategies[0]
+    params = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.8, seed=5)
+    reference = make_llm(tp_case.path, strategy=strategy, **OPTIONS)
+    expected = [o.token_ids for o in reference.generate(prompts()[:3], params)]
+    config = load_engine_config(model=str(tp_case.path), strategy=strategy, tensor_parallel_size=2, **OPTIONS)
+    engine = Engine(config, runner=tp_case.runner)  # type: ignore[arg-type]
+    ids = [engine.add_request(prompt, params) for prompt in prompts()[:3]]
+    done = {}
+    while engine.has_unfinished():
+        done.update((output.request_id, output.token_ids) for output in engine.step())
+    assert [done[i] for i in ids] == expected
+
+
 def test_logits_within_float32_tolerance(tp_case: TPCase, make_llm: Callable[..., LLM]) -> None:
     reference = make_llm(tp_case.path, **OPTIONS)
     tokens = prompts()[4]
