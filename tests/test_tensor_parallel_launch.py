@@ -19,6 +19,7 @@ from diffulex.cli import app as cli_app
 from diffulex.config import ConfigError, load_engine_config, load_serve_config
 from diffulex.engine.tp_workers import TensorParallelRunner
 from diffulex.llm import LLM
+from diffulex.models.tiny_checkpoint import write_tiny_checkpoint
 
 OPTIONS = {"device": "cpu", "dtype": "float32", "page_size": 4, "num_kv_pages": 256, "max_model_len": 512}
 
@@ -39,9 +40,17 @@ def test_tensor_parallel_size_option_and_flag(tiny_sdar: Path, monkeypatch: pyte
 
 
 def test_a_model_that_does_not_split_stops_the_launch_with_its_value(tiny_llada: Path) -> None:
+    # Heads: refused before any worker starts.
     config = load_engine_config(model=str(tiny_llada), tensor_parallel_size=3, **OPTIONS)
+    with pytest.raises(ValueError, match=r"num_attention_heads=4 is not divisible by tensor_parallel_size=3"):
+        TensorParallelRunner(config)
+    # The MLP width (heads split fine): every rank fails to build its shard and rank 0 says which and why.
+    odd = write_tiny_checkpoint("llada", tiny_llada.parent / "odd-mlp", seed=1, mlp_hidden_size=129)
+    config = load_engine_config(model=str(odd), tensor_parallel_size=2, **OPTIONS)
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"rank 0 failed to start: .*tensor_parallel_size=3"):
+    with pytest.raises(
+        RuntimeError, match=r"rank 0 failed to start: .*=129 is not divisible by tensor_parallel_size=2"
+    ):
         TensorParallelRunner(config)
     assert time.monotonic() - start < 60
 

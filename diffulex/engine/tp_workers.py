@@ -37,7 +37,7 @@ import torch
 from diffulex.config import EngineConfig
 from diffulex.engine.denoise_loop import loop_iterations
 from diffulex.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
-from diffulex.layers.parallel_state import ParallelState, using_parallel_state
+from diffulex.layers.parallel_state import ParallelState, split_heads, using_parallel_state
 from diffulex.step import StepOutput, StepPlan
 
 logger = logging.getLogger(__name__)
@@ -209,6 +209,19 @@ def _check_world_size(config: EngineConfig) -> None:
 
 
 # ----- rank 0 ------------------------------------------------------------------------------------------------
+def check_heads_split(config: EngineConfig) -> None:
+    """Raise ValueError, naming the model value and the size, when the checkpoint's attention heads do not
+    split over ``tensor_parallel_size`` ranks (other sizes are checked as each rank builds its shard)."""
+    from diffulex.models.loader import is_adapter_folder, load_hf_config
+    from diffulex.models.registry import resolve_model_class
+
+    if is_adapter_folder(config.model):
+        return  # its base checkpoint is found while loading; the ranks check it then
+    hf_config = load_hf_config(config.model)
+    spec = resolve_model_class(hf_config).spec_from_config(hf_config)
+    split_heads(spec.num_heads, spec.num_kv_heads, 0, config.tensor_parallel_size)
+
+
 class TensorParallelRunner:
     """Rank 0 of a tensor-parallel group, with the ModelRunner interface the engine uses.
 
@@ -225,6 +238,7 @@ class TensorParallelRunner:
                 "a torch.distributed group already exists in this process: one TP engine at a time"
             )
         self.size = config.tensor_parallel_size
+        check_heads_split(config)  # before any process starts: the commonest misfit, named at once
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self._failure: str | None = None
         self._closed = False
