@@ -69,3 +69,25 @@ def test_torchrun_launch_generates_what_one_rank_does(tiny_llada: Path) -> None:
     with LLM(str(tiny_llada), strategy="vanilla", **OPTIONS) as llm:
         expected = llm.generate(prompt, SamplingParams(max_tokens=8))[0]
     assert records[0]["token_ids"] == expected.token_ids
+
+
+def test_an_engine_that_fails_to_start_stops_its_workers(
+    tiny_sdar: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.distributed as dist
+
+    from diffulex.engine.engine import Engine
+
+    config = load_engine_config(model=str(tiny_sdar), tensor_parallel_size=2, strategy="nope", **OPTIONS)
+    started = []
+    start_workers = TensorParallelRunner._start_workers
+
+    def remember(runner: TensorParallelRunner, *args) -> None:
+        start_workers(runner, *args)
+        started.extend(runner.processes)
+
+    monkeypatch.setattr(TensorParallelRunner, "_start_workers", remember)
+    with pytest.raises(ValueError, match="nope"):
+        Engine(config)  # the runner starts, the strategy does not exist
+    assert started and not any(process.is_alive() for process in started)
+    assert not dist.is_initialized()  # the next tensor-parallel engine of this process can start

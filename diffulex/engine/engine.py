@@ -40,6 +40,15 @@ class Engine:
     def __init__(self, config: EngineConfig, runner: ModelRunner | TensorParallelRunner | None = None):
         self.config = config
         self.runner = runner or create_runner(config)
+        try:
+            self._set_up(config)
+        except BaseException:
+            if runner is None:  # ours: its tensor-parallel workers must not outlive a failed start
+                self.close()
+            raise
+
+    def _set_up(self, config: EngineConfig) -> None:
+        """Strategy, CUDA graphs, KV-cache manager, scheduler and tokenizer over the built runner."""
         spec = self.runner.spec
         self.spec = spec
         self.max_model_len = self.runner.max_model_len

@@ -29,6 +29,7 @@ import os
 import pickle
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -321,7 +322,7 @@ class TensorParallelRunner:
         self._failure = reason
         self._stop_workers()
 
-    def _collective(self, command: int, payload: Any, local: Any) -> Any:
+    def _collective(self, command: int, payload: Any, local: Callable[[], Any]) -> Any:
         """Broadcast one command, run rank 0's part (``local()``); any failure breaks the group."""
         if self._closed:
             raise TensorParallelError("the tensor-parallel group is shut down")
