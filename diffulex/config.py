@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 StrategyName = str  # validated against the strategy registry by the engine (the registry lives above)
 DTypeName = Literal["auto", "float32", "float16", "bfloat16", "float64"]
@@ -82,6 +82,12 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = Field(True, description="Share full prompt pages across requests.")
     enforce_eager: bool = Field(False, description="Never capture CUDA graphs.")
     cuda_graph_max_reqs: int = Field(128, ge=1, description="Largest running-request bucket captured.")
+    cuda_graph_single_tokens: list[PositiveInt] = Field(
+        [64, 128, 192, 256, 384, 512],
+        description="Query sizes of one-request steps (prefills, full-recompute and prefix-cache steps) "
+        "captured as CUDA graphs: such a step is padded to the smallest size that holds it and replayed "
+        "instead of launching every kernel from the host. [] = those steps run eagerly.",
+    )
     attention_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="auto = Triton on CUDA, the torch reference on CPU."
     )

@@ -75,3 +75,37 @@ def test_gpu_llada2_moe_matches_cpu(tiny_paths, make_llm) -> None:
         prompts, params
     )
     assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("strategy", ["vanilla", "block_diffusion", "fast_dllm"])
+def test_gpu_one_request_steps_replay_graphs(strategy, tiny_paths, make_llm, monkeypatch) -> None:
+    """Prefills and full-recompute steps of a single request replay the one-request graphs (padded to a
+    captured size) and give the CPU's tokens; with an empty size list they run eagerly, same tokens."""
+    from diffulex.engine.cuda_graphs import CudaGraphRunner
+
+    family = "sdar" if strategy == "block_diffusion" else "llada"
+    options = {"strategy": strategy, "page_size": 8, "cuda_graph_single_tokens": [16, 32, 64]}
+    prompt = [[30 + i for i in range(21)]]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    cpu = make_llm(tiny_paths[family], **options).generate(prompt, params)
+    replays: list[int] = []
+    original = CudaGraphRunner.replay
+
+    def counting_replay(self, step):
+        if self.buckets[-1] == 1 and self.tokens_per_seq in (16, 32, 64):
+            replays.append(self.tokens_per_seq)
+        return original(self, step)
+
+    monkeypatch.setattr(CudaGraphRunner, "replay", counting_replay)
+    gpu_llm = make_llm(tiny_paths[family], **options, device="cuda", dtype="float32")
+    gpu = gpu_llm.generate(prompt, params)
+    assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
+    assert [o.num_forwards for o in gpu] == [o.num_forwards for o in cpu]
+    assert replays, "no one-request step replayed a graph"
+    eager_llm = make_llm(
+        tiny_paths[family], **{**options, "cuda_graph_single_tokens": []}, device="cuda", dtype="float32"
+    )
+    assert all(g.buckets[-1] > 1 for g in eager_llm.engine.runner.graph_sets)  # no one-request sets
+    eager = eager_llm.generate(prompt, params)
+    assert [o.token_ids for o in eager] == [o.token_ids for o in cpu]

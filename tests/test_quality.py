@@ -318,3 +318,17 @@ def test_training_runs_on_cuda_with_bf16_autocast(family: str, tmp_path: Path) -
     llm = LLM(str(tmp_path), device="cuda", max_model_len=256)
     [output] = llm.generate(encode_prompts(llm.tokenizer, [README_DEMO_PROMPT]))
     assert output.finish_reason in ("stop", "length") and output.num_forwards > 0
+
+
+def test_diffusion_loss_equals_the_mean_over_masked_positions(tmp_path: Path) -> None:
+    """The sync-free loss (CE everywhere, zero weight where unmasked) is the selected-rows formula."""
+    tokenizer = load_tokenizer(write_tokenizer_files("llada", tmp_path))
+    examples = [Example("copy", "Repeat: ab", ("ab",)), Example("copy", "Repeat: abcdefgh", ("abcdefgh",))]
+    rows = tokenize_rows(examples, tokenizer, "llada", 103, seed=0)
+    batch = BATCH_BUILDERS["llada"](rows, 4, torch.Generator().manual_seed(1), gen_len=16)
+    logits = torch.randn(*batch.targets.shape, 104, generator=torch.Generator().manual_seed(2))
+    masked = batch.masked
+    assert masked.any() and not masked.all()
+    selected = torch.nn.functional.cross_entropy(logits[masked], batch.targets[masked], reduction="none")
+    expected = (selected * batch.weights[masked]).sum() / batch.num_response_tokens
+    torch.testing.assert_close(diffusion_loss(logits, batch), expected)

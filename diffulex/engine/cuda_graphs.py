@@ -6,6 +6,11 @@ captured bucket ``≥ S`` and replayed: sequences shorter than ``tokens_per_seq`
 tokens (block id ``DUMMY_BLOCK_ID``: no real token sees them; K/V never stored) and missing sequences
 are empty (no context). Graphs are captured largest bucket first into one memory pool. The graph covers
 the transformer trunk; the LM head runs eagerly on the sampled rows only.
+
+The same runner with ``max_num_seqs`` 1 serves one-request steps of varying query length (a prefill, a
+full-recompute ``vanilla`` step, a ``fast_dllm`` prefix-cache step): the query is padded with dummy
+tokens up to ``tokens_per_seq``, so one replay replaces a host-bound eager forward (≈ 20 ms of kernel
+launches for an 8B model at batch 1).
 """
 
 from __future__ import annotations

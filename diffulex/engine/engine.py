@@ -76,9 +76,8 @@ class Engine:
             ),
         )
         self.block_size = block_size
-        sizes = self.strategy.static_query_sizes()
-        if sizes:
-            self.runner.enable_cuda_graphs(sizes, self.mask_token_id)
+        # Fixed denoise sizes (may be none: then only one-request steps are captured).
+        self.runner.enable_cuda_graphs(self.strategy.static_query_sizes(), self.mask_token_id)
         self.kv_cache = KVCacheManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv_cache, self.strategy, config.max_num_reqs, config.max_num_batched_tokens

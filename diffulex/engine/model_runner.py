@@ -105,32 +105,35 @@ class ModelRunner(StepSampling):
         self.num_pages = min_over_ranks(self._num_pages(self.max_model_len), self.device, self.parallel)
         self._allocate_kv_cache()
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
-        self.graphs: CudaGraphRunner | None = None  # the smallest query size's graphs
-        self.graph_sets: list[CudaGraphRunner] = []  # one per query size, smallest first
+        self.graphs: CudaGraphRunner | None = None  # the smallest denoise query size's graphs
+        # One per captured query size, smallest first: the strategy's fixed denoise sizes (every bucket of
+        # running requests) and the one-request sizes of config.cuda_graph_single_tokens.
+        self.graph_sets: list[CudaGraphRunner] = []
 
     def enable_cuda_graphs(self, sizes: list[int], pad_token_id: int) -> None:
-        """Capture the denoise step for every query size and bucket of running-request counts."""
+        """Capture the denoise step for every fixed query size (``sizes``, from the strategy) and bucket of
+        running-request counts, and the one-request steps of ``config.cuda_graph_single_tokens``."""
         if self.device.type != "cuda" or self.config.enforce_eager or not self.use_triton:
             return
         if any(getattr(module, "cuda_graph_safe", True) is False for module in self.model.modules()):
             logger.info("the model has layers that cannot be captured (host-side MoE routing): eager steps")
             return
+        max_seqs = min(self.config.max_num_reqs, self.config.cuda_graph_max_reqs)
+        shapes = {(size, max_seqs) for size in sizes}
+        shapes |= {(size, 1) for size in self.config.cuda_graph_single_tokens if size not in sizes}
         pool = None
-        self.graph_sets = []
-        for tokens_per_seq in sorted(sizes, reverse=True):  # largest first: later ones reuse its pool
+        captured = []
+        # Largest total first: the later captures reuse its memory pool.
+        for tokens_per_seq, num_seqs in sorted(shapes, key=lambda s: (s[0] * s[1], s[0]), reverse=True):
             graphs = CudaGraphRunner(
-                self.model,
-                tokens_per_seq,
-                min(self.config.max_num_reqs, self.config.cuda_graph_max_reqs),
-                self.max_pages_per_seq,
-                pad_token_id,
-                self.device,
-                pool=pool,
+                self.model, tokens_per_seq, num_seqs, self.max_pages_per_seq, pad_token_id, self.device, pool
             )
             graphs.capture()
             pool = graphs.pool
-            self.graph_sets.insert(0, graphs)
-        self.graphs = self.graph_sets[0]
+            captured.append(graphs)
+        # A plan takes the first set that can run it: the smallest query size that holds its requests.
+        self.graph_sets = sorted(captured, key=lambda g: (g.tokens_per_seq, -g.buckets[-1]))
+        self.graphs = next((g for g in self.graph_sets if g.tokens_per_seq in sizes), None)
 
     # ----- set-up -------------------------------------------------------------------------------------
     def _bytes_per_page(self) -> int:
