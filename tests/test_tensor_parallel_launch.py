@@ -91,3 +91,32 @@ def test_an_engine_that_fails_to_start_stops_its_workers(
         Engine(config)  # the runner starts, the strategy does not exist
     assert started and not any(process.is_alive() for process in started)
     assert not dist.is_initialized()  # the next tensor-parallel engine of this process can start
+
+
+def test_data_parallel_replicas_each_run_a_tensor_parallel_group(tiny_sdar: Path) -> None:
+    import asyncio
+
+    from diffulex.server.replica_client import DataParallelClient
+
+    options = {**OPTIONS, "strategy": "block_diffusion", "block_size": 4}
+    config = load_engine_config(model=str(tiny_sdar), data_parallel_size=2, tensor_parallel_size=2, **options)
+    client = DataParallelClient(config, startup_timeout_s=120)  # 2 replicas x 2 ranks: 4 processes
+    batch = [[1 + (i * 7 + j * 13) % 90 for j in range(1 + i % 12)] for i in range(6)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+
+    async def final(prompt: list[int]) -> list[int]:
+        async for update in client.generate(prompt, params):
+            if update.finished:
+                return update.output.token_ids
+        raise AssertionError("no final update")
+
+    async def run() -> list[list[int]]:
+        return await asyncio.wait_for(asyncio.gather(*(final(prompt) for prompt in batch)), 60)
+
+    try:
+        outputs = asyncio.run(run())
+        assert all(replica["num_routed"] > 0 for replica in client.stats()["replicas"])
+    finally:
+        client.shutdown(drain=False)
+    with LLM(str(tiny_sdar), **options) as llm:
+        assert outputs == [o.token_ids for o in llm.generate(batch, params)]
