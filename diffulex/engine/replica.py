@@ -10,10 +10,11 @@ Liveness: a replica reports at least every ``heartbeat_s`` between steps, idle o
 reader thread declares it dead when its process exits (the pipe reads EOF) or when no report arrives
 within ``heartbeat_timeout_s`` (then the process is killed).
 
-Tensor parallelism later: a replica stays one process that talks to the parent and would start its
-own TP workers. That is why replica processes are not daemonic (a daemonic process cannot have
-children): the parent stops them itself (``ReplicaProcess.stop``) and a replica whose parent is gone
-exits on its own.
+Tensor parallelism: a replica stays one process that talks to the parent; it is rank 0 of its own TP
+group and starts its TP workers (``diffulex.engine.tp_workers``). That is why replica processes are not
+daemonic (a daemonic process cannot have children): the parent stops them itself
+(``ReplicaProcess.stop``) and a replica whose parent is gone exits on its own. A replica whose TP group
+broke fails its pending requests and exits, so the parent reports it dead.
 """
 
 from __future__ import annotations
