@@ -42,6 +42,8 @@ def generate(
 
     try:
         overrides = dict(parse_override(item) for item in set_)
+        if _torchrun_worker_served(config, overrides, model):
+            return  # a torchrun rank other than 0: it served rank 0's engine until it closed
         llm = LLM(model, config=config, overrides=overrides)
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -53,7 +55,10 @@ def generate(
         tokenizer = llm.tokenizer
         chat = not raw and tokenizer is not None and getattr(tokenizer, "chat_template", None)
         inputs = [chat_prompt_ids(tokenizer, text) for text in prompt] if chat else list(prompt)
-        outputs = llm.generate(inputs, params)
+        try:
+            outputs = llm.generate(inputs, params)
+        finally:
+            llm.close()  # tensor-parallel workers, if any
     except (ConfigError, ValueError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
@@ -91,6 +96,14 @@ def serve(
             min=1, help="Engine replicas, each in its own process (one GPU each); default 1 (in-process)."
         ),
     ] = None,
+    tensor_parallel_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Ranks one model is split over, one process (GPU) each, started by the server; under "
+            "torchrun, the launch's processes. Default 1.",
+        ),
+    ] = None,
     set_: Annotated[
         list[str],
         typer.Option(
@@ -108,6 +121,8 @@ def serve(
         overrides = dict(parse_override(item) for item in set_)
         if data_parallel_size is not None:  # an explicit flag: below --set in priority, like --model
             overrides = {"data_parallel_size": data_parallel_size, **overrides}
+        if tensor_parallel_size is not None:
+            overrides = {"tensor_parallel_size": tensor_parallel_size, **overrides}
         engine_config, server_config = load_serve_config(
             config,
             overrides=overrides,
@@ -121,9 +136,34 @@ def serve(
     except (ConfigError, ValueError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
+    from diffulex.engine.tp_workers import launched_by_torchrun, run_torchrun_worker
+
+    if launched_by_torchrun() and engine_config.data_parallel_size > 1:
+        typer.echo(
+            "error: under torchrun, data_parallel_size must be 1 (torchrun's ranks are one TP group)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if run_torchrun_worker(engine_config):
+        return  # a torchrun rank other than 0: it served rank 0's engine until the server stopped
     from diffulex.server.app import build_and_run
 
     build_and_run(engine_config, server_config)
+
+
+def _torchrun_worker_served(config: Path | None, overrides: dict, model: str | None) -> bool:
+    """``generate`` under torchrun on a rank other than 0: build the engine config as rank 0 does and
+    serve as its tensor-parallel worker until it closes (True); False anywhere else."""
+    from diffulex.config import load_serve_config
+    from diffulex.engine.tp_workers import launched_by_torchrun, run_torchrun_worker
+    from diffulex.llm import default_model_path
+
+    if not launched_by_torchrun():
+        return False
+    engine_config, _ = load_serve_config(
+        config, overrides=overrides, model=model, default_model=default_model_path
+    )
+    return run_torchrun_worker(engine_config)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,19 @@ class EngineConfig(BaseModel):
         "GPU i for replica i); requests go to the least-loaded replica. 1 = one in-process engine. "
         "Read by `diffulex serve`; the offline LLM always runs one engine.",
     )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Ranks one model is split over (attention heads, MLP and expert intermediate sizes, "
+        "vocabulary), one process each; rank 0 runs the engine and starts the others (gloo on CPU, NCCL "
+        "with GPU r for rank r on CUDA), or they come from torchrun. 1 = no torch.distributed at all.",
+    )
+    distributed_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Tensor parallel: a collective that waits longer than this on a silent rank fails "
+        "the step (a rank that dies is noticed at once); the group is then broken and the engine unhealthy.",
+    )
     strategy: StrategyName | None = Field(None, description="Decoding strategy; None = the family default.")
     block_size: int | None = Field(
         None, ge=1, description="Tokens per diffusion block; None = family default."

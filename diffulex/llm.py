@@ -63,6 +63,16 @@ class LLM:
         engine_config: EngineConfig = load_engine_config(config, overrides=overrides, model=model, **options)
         self.engine = Engine(engine_config)
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel workers, if any (they also stop when this process exits)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def tokenizer(self) -> Any | None:
         return self.engine.tokenizer

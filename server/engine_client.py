@@ -84,7 +84,7 @@ class EngineClient:
             return "the server is shutting down"
         if not self.alive:
             return "the engine thread stopped"
-        return None
+        return self.engine.unhealthy_reason()  # e.g. a tensor-parallel rank died
 
     async def generate(
         self,
@@ -99,6 +99,9 @@ class EngineClient:
         """
         if not self.accepting:
             raise RuntimeError("the server is shutting down")
+        broken = self.engine.unhealthy_reason()
+        if broken is not None:
+            raise RuntimeError(f"the engine cannot serve: {broken}")
         request_id = request_id or f"cmpl-{next(self._ids)}"
         subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue(), stream)
         with self._lock:
@@ -146,6 +149,7 @@ class EngineClient:
                 if output is not None:
                     self.counts["abort"] += 1
                     self._deliver(request_id, RequestUpdate(request_id, finished=True, output=output))
+            self.engine.close()  # tensor-parallel workers, if any
 
     # ----- engine thread ------------------------------------------------------------------------------
     def _deliver(self, request_id: str, update: RequestUpdate) -> None:

@@ -129,8 +129,9 @@ class Serving:
             ) from None
         except ValueError as error:
             raise APIError(400, str(error), param="prompt") from None
-        except RuntimeError as error:  # not accepting work: shutting down
-            raise APIError(503, str(error), type="service_unavailable", code="shutting_down") from None
+        except RuntimeError as error:  # not accepting work: shutting down, or nothing left that can serve
+            code = "shutting_down" if not self.client.accepting else "unavailable"
+            raise APIError(503, str(error), type="service_unavailable", code=code) from None
         except asyncio.TimeoutError:
             await updates.aclose()
             raise self._timeout() from None

@@ -70,12 +70,15 @@ def run_denoise_loop(
     sample: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     tokens: torch.Tensor,
     token_rows: torch.Tensor,
+    share_tokens: Callable[[torch.Tensor], None] | None = None,
 ) -> StepOutput:
     """Run ``iterations`` denoise iterations; return the first as ``sequences``, the rest as ``iterations``.
 
     ``forward()`` runs the trunk over the current query tokens and returns the hidden states of the
     sampled rows; ``sample(logits)`` gives greedy ids and confidences; ``tokens[token_rows]`` are the
     query tokens of the sampled positions, rewritten in place with the accepted ids between forwards.
+    ``share_tokens(tokens)`` runs after each rewrite: tensor parallel, it broadcasts them to the worker
+    ranks (on the device, no host sync), whose next forward needs them (``ModelRunner.follow_loop``).
     """
     device = tokens.device
     rows_per_seq = np.diff(np.asarray(plan.cu_samples)).tolist()
@@ -88,6 +91,8 @@ def run_denoise_loop(
         ids, confidences = sample(logits)
         accepted = unmasker.select(confidences, iteration)
         tokens[token_rows] = torch.where(accepted, ids, tokens[token_rows])
+        if share_tokens is not None:
+            share_tokens(tokens)
         bad = torch.isnan(logits).any(dim=-1)
         # One float64 row per field: ids (< 2**53, exact), confidence, accepted, NaN flag.
         records.append(torch.stack([ids.double(), confidences.double(), accepted.double(), bad.double()]))

@@ -20,6 +20,7 @@ from diffulex.engine.kv_cache import KVCacheManager
 from diffulex.engine.model_runner import ModelRunner
 from diffulex.engine.scheduler import Scheduler
 from diffulex.engine.stop_checker import find_stop
+from diffulex.engine.tp_workers import TensorParallelRunner, create_runner
 from diffulex.models.loader import load_tokenizer
 from diffulex.request import Request, RequestOutput, RequestStatus
 from diffulex.sampling_params import SamplingParams
@@ -36,9 +37,18 @@ class QueueFullError(RuntimeError):
 class Engine:
     """Owns the runner, the KV-cache manager, the scheduler, the strategy and every live request."""
 
-    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None):
+    def __init__(self, config: EngineConfig, runner: ModelRunner | TensorParallelRunner | None = None):
         self.config = config
-        self.runner = runner or ModelRunner(config)
+        self.runner = runner or create_runner(config)
+        try:
+            self._set_up(config)
+        except BaseException:
+            if runner is None:  # ours: its tensor-parallel workers must not outlive a failed start
+                self.close()
+            raise
+
+    def _set_up(self, config: EngineConfig) -> None:
+        """Strategy, CUDA graphs, KV-cache manager, scheduler and tokenizer over the built runner."""
         spec = self.runner.spec
         self.spec = spec
         self.max_model_len = self.runner.max_model_len
@@ -81,7 +91,11 @@ class Engine:
     def add_request(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> str:
-        """Validate and enqueue a request; bad input raises ValueError and changes nothing."""
+        """Validate and enqueue a request; bad input raises ValueError and changes nothing, a broken engine
+        (``unhealthy_reason``) RuntimeError."""
+        broken = self.unhealthy_reason()
+        if broken is not None:
+            raise RuntimeError(f"the engine cannot serve: {broken}")
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -135,9 +149,23 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def unhealthy_reason(self) -> str | None:
+        """Why the engine cannot run steps any more (a tensor-parallel rank died), or None."""
+        return getattr(self.runner, "failure", None)
+
+    def close(self) -> None:
+        """Release what the runner holds outside this process (tensor-parallel workers); idempotent."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
     # ----- one step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step; return the requests that finished in it."""
+        broken = self.unhealthy_reason()
+        if broken is not None:  # nothing can run any more: every pending request fails now, not later
+            pending = [r for r in self.requests.values() if not r.is_finished]
+            return [self._fail(request, f"model step failed: {broken}") for request in pending]
         schedule = self.scheduler.schedule()
         requests = schedule.scheduled
         if not requests:

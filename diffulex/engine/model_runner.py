@@ -4,11 +4,16 @@ It copies the plan into tensors, installs the per-step attention context, runs t
 logits only at the sampled rows (one row earlier for shifted-logit families), and samples on the device,
 so only token ids and confidences come back to the host. The CUDA-graph and Triton paths slot in here
 without changing what goes in or out.
+
+Under tensor parallelism every rank has a ModelRunner over its shard of the model and of the KV cache
+(its KV heads only); ``step_logits`` is the part all ranks run together (its collectives must match), and
+only rank 0 gets logits back and samples (``diffulex.engine.tp_workers`` drives the other ranks).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -16,12 +21,20 @@ import torch
 from diffulex.config import EngineConfig
 from diffulex.engine.cuda_graphs import CudaGraphRunner
 from diffulex.engine.denoise_loop import loop_iterations, run_denoise_loop, write_rows
+from diffulex.engine.runner_sampling import StepSampling
 from diffulex.layers.attention import Attention
 from diffulex.layers.context import AttentionContext, set_context, single_sequence_context
+from diffulex.layers.parallel_state import (
+    ParallelState,
+    broadcast_from_driver,
+    get_parallel_state,
+    min_over_ranks,
+    split_heads,
+    using_parallel_state,
+)
 from diffulex.models.loader import load_model
 from diffulex.models.registry import ModelSpec
-from diffulex.sampling.confidence import sample_tokens
-from diffulex.step import SampleSpec, SequenceOutput, SequencePlan, StepOutput, StepPlan, step_seed
+from diffulex.step import SampleSpec, SequencePlan, StepOutput, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +58,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-class ModelRunner:
+class ModelRunner(StepSampling):
     """Runs steps of the model over the paged KV cache (see module docstring)."""
 
-    def __init__(self, config: EngineConfig, model_and_spec: tuple[torch.nn.Module, ModelSpec] | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_and_spec: tuple[torch.nn.Module, ModelSpec] | None = None,
+        parallel: ParallelState | None = None,
+    ):
         self.config = config
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
@@ -56,17 +74,35 @@ class ModelRunner:
             # lengths) and its results are not batch-invariant; MKL's BLAS path is both fast and stable.
             torch.backends.mkldnn.enabled = False
         self.dtype = resolve_dtype(config.dtype, self.device)
+        # ``parallel``: this rank of a TP group (diffulex.engine.tp_workers); default one rank, whatever else
+        # this process is part of.
+        if parallel is None:
+            parallel = ParallelState() if config.tensor_parallel_size == 1 else get_parallel_state()
+        self.parallel = parallel
+        if self.parallel.tp_size != config.tensor_parallel_size:
+            raise RuntimeError(
+                f"tensor_parallel_size={config.tensor_parallel_size} but this process is not a rank of such a "
+                "group: build the runner with diffulex.engine.tp_workers.create_runner"
+            )
         if model_and_spec is None:
-            model_and_spec = load_model(config.model, self.dtype, self.device, base_model=config.base_model)
+            with using_parallel_state(self.parallel):  # the layers read it to pick their shards
+                model_and_spec = load_model(
+                    config.model, self.dtype, self.device, base_model=config.base_model
+                )
         self.model, self.spec = model_and_spec
         self.model.eval()
+        # This rank's KV heads (all of them at one rank): the cache holds only those.
+        self.num_kv_heads = split_heads(
+            self.spec.num_heads, self.spec.num_kv_heads, self.parallel.tp_rank, self.parallel.tp_size
+        ).num_kv_heads
         self.page_size = config.page_size
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         backend = config.attention_backend
         if backend == "triton" and self.device.type != "cuda":
             raise ValueError("attention_backend 'triton' needs a CUDA device; use 'torch' or 'auto' on CPU")
         self.use_triton = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
-        self.num_pages = self._num_pages(self.max_model_len)
+        # Every rank must have the same pages (rank 0's scheduler hands out page ids for all of them).
+        self.num_pages = min_over_ranks(self._num_pages(self.max_model_len), self.device, self.parallel)
         self._allocate_kv_cache()
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
         self.graphs: CudaGraphRunner | None = None  # the smallest denoise query size's graphs
@@ -103,7 +139,7 @@ class ModelRunner:
     def _bytes_per_page(self) -> int:
         spec: ModelSpec = self.spec
         element = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * spec.num_layers * self.page_size * spec.num_kv_heads * spec.head_dim * element
+        return 2 * spec.num_layers * self.page_size * self.num_kv_heads * spec.head_dim * element
 
     def _num_pages(self, max_model_len: int) -> int:
         if self.config.num_kv_pages is not None:
@@ -152,7 +188,7 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> None:
         spec = self.spec
-        shape = (2, spec.num_layers, self.num_pages, self.page_size, spec.num_kv_heads, spec.head_dim)
+        shape = (2, spec.num_layers, self.num_pages, self.page_size, self.num_kv_heads, spec.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         if len(layers) != spec.num_layers:
@@ -195,19 +231,28 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan, mask_token_id: int, iterations: int = 1) -> StepOutput:
         """Run the plan; with ``iterations`` > 1 and a plan that allows it, a device loop of that many
-        greedy denoise iterations (``diffulex.engine.denoise_loop``): its outputs carry ``iterations``."""
+        greedy denoise iterations (``diffulex.engine.denoise_loop``): its outputs carry ``iterations``.
+        Tensor parallel: rank 0 runs this, the workers ``step_logits`` or ``follow_loop``."""
         iterations = loop_iterations(plan, iterations)
-        graphs = next((g for g in self.graph_sets if g.can_run(plan)), None)
         if iterations > 1:
+            graphs = next((g for g in self.graph_sets if g.can_run(plan)), None)
             return self._execute_loop(plan, mask_token_id, iterations, graphs)
+        logits = self.step_logits(plan)
+        if logits is None:
+            return StepOutput([])  # a tensor-parallel worker: rank 0 samples
+        return self._sample(plan, logits, mask_token_id)
+
+    @torch.inference_mode()
+    def step_logits(self, plan: StepPlan) -> torch.Tensor | None:
+        """The model over the plan and the logits of its sampled rows (replayed from a CUDA graph when one
+        fits). Tensor parallel: every rank runs this with the same plan; rank 0 gets the logits, the
+        others None."""
+        graphs = next((g for g in self.graph_sets if g.can_run(plan)), None)
         if graphs is not None:
             hidden_rows = graphs.run(plan)
-            logits = (
-                self.model.compute_logits(hidden_rows)
-                if hidden_rows.shape[0]
-                else hidden_rows.new_zeros(0, 1)
-            )
-            return self._sample(plan, logits, mask_token_id)
+            if not hidden_rows.shape[0]:
+                return hidden_rows.new_zeros(0, 1)
+            return self.model.compute_logits(hidden_rows)
         input_ids = torch.from_numpy(plan.input_ids).to(self.device)
         positions = torch.from_numpy(plan.positions).to(self.device)
         set_context(self._context(plan))
@@ -216,34 +261,41 @@ class ModelRunner:
         finally:
             set_context(None)
         rows = torch.from_numpy(plan.sample_rows).to(self.device)
-        logits = self.model.compute_logits(hidden[rows]) if rows.numel() else hidden.new_zeros(0, 1)
-        return self._sample(plan, logits, mask_token_id)
+        return self.model.compute_logits(hidden[rows]) if rows.numel() else hidden.new_zeros(0, 1)
+
+    def _loop_inputs(
+        self, plan: StepPlan, graphs: CudaGraphRunner | None
+    ) -> tuple[torch.Tensor, Callable[[], torch.Tensor], np.ndarray]:
+        """What a device loop works on: the query tokens it rewrites, the forward over them (hidden states
+        of the sampled rows) and the rows of ``tokens`` the sampled positions are written to."""
+        token_rows = write_rows(plan)
+        if graphs is not None:
+            prepared = graphs.load(plan)
+            return graphs.input_ids, lambda: graphs.replay(prepared), prepared.padded_rows[token_rows]
+        tokens = torch.from_numpy(plan.input_ids).to(self.device)
+        positions = torch.from_numpy(plan.positions).to(self.device)
+        context = self._context(plan)
+        rows = torch.from_numpy(plan.sample_rows).to(self.device)
+
+        def forward() -> torch.Tensor:
+            set_context(context)
+            try:
+                return self.model(tokens, positions)[rows]
+            finally:
+                set_context(None)
+
+        return tokens, forward, token_rows
 
     def _execute_loop(
         self, plan: StepPlan, mask_token_id: int, iterations: int, graphs: CudaGraphRunner | None
     ) -> StepOutput:
         spec = plan.sequences[0].sample
-        token_rows = write_rows(plan)
-        if graphs is not None:
-            prepared = graphs.load(plan)
-            tokens = graphs.input_ids
+        tokens, forward, token_rows = self._loop_inputs(plan, graphs)
+        share = None
+        if self.parallel.tp_size > 1:  # the workers' next forward needs rank 0's accepted tokens
 
-            def forward() -> torch.Tensor:
-                return graphs.replay(prepared)
-
-            token_rows = prepared.padded_rows[token_rows]
-        else:
-            tokens = torch.from_numpy(plan.input_ids).to(self.device)
-            positions = torch.from_numpy(plan.positions).to(self.device)
-            context = self._context(plan)
-            rows = torch.from_numpy(plan.sample_rows).to(self.device)
-
-            def forward() -> torch.Tensor:
-                set_context(context)
-                try:
-                    return self.model(tokens, positions)[rows]
-                finally:
-                    set_context(None)
+            def share(tokens: torch.Tensor) -> None:
+                broadcast_from_driver(tokens, self.parallel)
 
         return run_denoise_loop(
             plan,
@@ -253,136 +305,24 @@ class ModelRunner:
             lambda logits: self._greedy(logits, spec, mask_token_id),
             tokens,
             torch.from_numpy(token_rows).to(self.device),
+            share_tokens=share,
         )
 
-    def _sample(self, plan: StepPlan, logits: torch.Tensor, mask_token_id: int) -> StepOutput:
-        """Token ids and confidences for every sampled row; one device→host copy of each."""
-        cu = plan.cu_samples
-        num_rows = cu[-1]
-        uncond = set(plan.cfg_pairs.values())
-        token_ids = torch.zeros(num_rows, dtype=torch.long, device=logits.device)
-        confidences = torch.zeros(num_rows, dtype=torch.float64, device=logits.device)
-        # Sequences that sample alike (greedy, same policy, no CFG) are sampled in one call; so are the
-        # tempered ones of one policy that the fused kernel can take (each row keeps its own seed).
-        groups: dict[tuple, list[int]] = {}
-        tempered: dict[str, list[int]] = {}
-        singles: list[int] = []
-        for index, seq in enumerate(plan.sequences):
-            if index in uncond or cu[index + 1] == cu[index]:
-                continue
-            spec = seq.sample
-            if spec.temperature == 0 and spec.policy != "random" and index not in plan.cfg_pairs:
-                groups.setdefault((spec.policy, spec.softmax_dtype, spec.top_k, spec.top_p), []).append(index)
-            elif index not in plan.cfg_pairs and self._fused(logits, spec, sampling=True):
-                tempered.setdefault(spec.policy, []).append(index)
-            else:
-                singles.append(index)
-        for members in groups.values():
-            spec = plan.sequences[members[0]].sample
-            if sum(cu[i + 1] - cu[i] for i in members) == num_rows:
-                ids, conf = self._greedy(logits, spec, mask_token_id)  # the common case: every row
-                token_ids.copy_(ids)
-                confidences.copy_(conf)
-                continue
-            rows = torch.from_numpy(np.concatenate([np.arange(cu[i], cu[i + 1]) for i in members]))
-            rows = rows.to(logits.device)
-            ids, conf = self._greedy(logits[rows], spec, mask_token_id)
-            token_ids[rows] = ids
-            confidences[rows] = conf
-        for policy, members in tempered.items():
-            rows, ids, conf = self._sample_fused(plan, logits, members, policy, mask_token_id)
-            token_ids[rows] = ids
-            confidences[rows] = conf
-        for index in singles:
-            seq = plan.sequences[index]
-            seq_logits = logits[cu[index] : cu[index + 1]]
-            if index in plan.cfg_pairs:
-                twin = plan.cfg_pairs[index]
-                uncond_logits = logits[cu[twin] : cu[twin + 1]]
-                seq_logits = uncond_logits + (seq.sample.cfg_scale + 1) * (seq_logits - uncond_logits)
-            seed = step_seed(seq.sample.seed, seq.step_index)
-            ids, conf = sample_tokens(seq_logits, seq.sample, mask_token_id, seed)
-            token_ids[cu[index] : cu[index + 1]] = ids
-            confidences[cu[index] : cu[index + 1]] = conf
-        # One device→host copy for ids, confidences and the NaN flags (ids < 2**53 are exact in float64).
-        bad = (
-            torch.isnan(logits).any(dim=-1)
-            if num_rows
-            else torch.zeros(0, dtype=torch.bool, device=logits.device)
-        )
-        host = torch.stack([token_ids.double(), confidences, bad.double()]).cpu().numpy()
-        ids_host = host[0].astype(np.int64)
-        conf_host = host[1]
-        bad_rows = host[2] > 0
-        any_bad = bool(bad_rows.any())
-        outputs: list[SequenceOutput] = []
-        for index in range(len(plan.sequences)):
-            low, high = cu[index], cu[index + 1]
-            failed = any_bad and bool(bad_rows[low:high].any())
-            if any_bad and index in plan.cfg_pairs:
-                twin = plan.cfg_pairs[index]
-                failed = failed or bool(bad_rows[cu[twin] : cu[twin + 1]].any())
-            outputs.append(SequenceOutput(ids_host[low:high], conf_host[low:high], failed=failed))
-        return StepOutput(outputs)
-
-    def _greedy(
-        self, logits: torch.Tensor, spec: SampleSpec, mask_token_id: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy top-1 and confidence: the fused Triton kernel on CUDA, the torch reference elsewhere."""
-        if self._fused(logits, spec, sampling=False):
-            from diffulex.kernels.sampling import greedy_confidence_triton
-
-            return greedy_confidence_triton(logits, mask_token_id, spec.policy)
-        return sample_tokens(logits, spec, mask_token_id)
-
-    def _fused(self, logits: torch.Tensor, spec: SampleSpec, sampling: bool) -> bool:
-        """Whether the fused Triton kernels take rows of ``spec`` (greedy, or tempered with ``sampling``):
-        logits on CUDA, ``fused_sampling``, softmax in the logits' dtype, no top-k/top-p, a known policy."""
-        if not (
-            logits.is_cuda
-            and self.config.fused_sampling
-            and spec.softmax_dtype == "logits"
-            and spec.top_k == 0
-            and spec.top_p >= 1.0
-        ):
-            return False
-        from diffulex.kernels.sampling import POLICIES, SAMPLE_POLICIES  # imports triton: CUDA only
-
-        return spec.policy in (SAMPLE_POLICIES if sampling else POLICIES)
-
-    def _sample_fused(
-        self, plan: StepPlan, logits: torch.Tensor, members: list[int], policy: str, mask_token_id: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows, ids and confidences of the sequences ``members`` (one policy), sampled by the fused
-        temperature kernel. Row j of a sequence draws from the noise stream (``step_seed`` of the
-        sequence, j), so its draw does not depend on the batch (``diffulex.kernels.sampling``)."""
-        from diffulex.kernels.sampling import sample_confidence_triton
-
-        cu = plan.cu_samples
-        specs = [plan.sequences[i].sample for i in members]
-        counts = [cu[i + 1] - cu[i] for i in members]
-        seeds = [step_seed(spec.seed, plan.sequences[i].step_index) for i, spec in zip(members, specs)]
-        host_ints = np.stack(
-            [
-                np.concatenate([np.arange(cu[i], cu[i + 1]) for i in members]),  # rows of the logits
-                np.repeat(np.array(seeds, dtype=np.int64), counts),
-                np.concatenate([np.arange(count) for count in counts]),  # streams
-            ]
-        ).astype(np.int64)
-        temps = np.repeat(np.array([spec.temperature for spec in specs], dtype=np.float32), counts)
-        rows, row_seeds, streams = torch.from_numpy(host_ints).to(logits.device)
-        temperatures = torch.from_numpy(temps).to(logits.device)
-        # Members cover their rows in order, so all rows of the step means no gather (no logits copy).
-        group_logits = logits if sum(counts) == logits.shape[0] else logits[rows]
-        ids, conf = sample_confidence_triton(
-            group_logits, mask_token_id, policy, temperatures, row_seeds, streams
-        )
-        return rows, ids, conf
+    @torch.inference_mode()
+    def follow_loop(self, plan: StepPlan, iterations: int) -> None:
+        """A tensor-parallel worker's part of rank 0's device loop (``execute`` with ``iterations`` > 1):
+        the same forwards and logits gathers, the query tokens received from rank 0 after each one."""
+        graphs = next((g for g in self.graph_sets if g.can_run(plan)), None)
+        tokens, forward, _ = self._loop_inputs(plan, graphs)
+        for _ in range(iterations):
+            self.model.compute_logits(forward())
+            broadcast_from_driver(tokens, self.parallel)
 
     # ----- research API -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def full_logits(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
-        """Raw float32 logits ``[len, vocab]`` of one full forward without any cache."""
+    def full_logits(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor | None:
+        """Raw float32 logits ``[len, vocab]`` of one full forward without any cache (None on a
+        tensor-parallel worker)."""
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         positions = torch.arange(len(token_ids), device=self.device)
         set_context(single_sequence_context(len(token_ids), self.device, torch.tensor(block_ids)))
@@ -390,7 +330,8 @@ class ModelRunner:
             hidden = self.model(input_ids, positions)
         finally:
             set_context(None)
-        return self.model.compute_logits(hidden).float().cpu()
+        logits = self.model.compute_logits(hidden)
+        return logits.float().cpu() if logits is not None else None
 
 
 __all__ = ["ModelRunner", "SampleSpec", "resolve_device", "resolve_dtype"]

@@ -10,10 +10,11 @@ Liveness: a replica reports at least every ``heartbeat_s`` between steps, idle o
 reader thread declares it dead when its process exits (the pipe reads EOF) or when no report arrives
 within ``heartbeat_timeout_s`` (then the process is killed).
 
-Tensor parallelism later: a replica stays one process that talks to the parent and would start its
-own TP workers. That is why replica processes are not daemonic (a daemonic process cannot have
-children): the parent stops them itself (``ReplicaProcess.stop``) and a replica whose parent is gone
-exits on its own.
+Tensor parallelism: a replica stays one process that talks to the parent; it is rank 0 of its own TP
+group and starts its TP workers (``diffulex.engine.tp_workers``). That is why replica processes are not
+daemonic (a daemonic process cannot have children): the parent stops them itself
+(``ReplicaProcess.stop``) and a replica whose parent is gone exits on its own. A replica whose TP group
+broke fails its pending requests and exits, so the parent reports it dead.
 """
 
 from __future__ import annotations
@@ -48,16 +49,17 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.05  # how often the parent's reader thread checks a silent replica
 
 
-def replica_device(device: str, index: int) -> str:
-    """Replica ``index``'s device: with ``auto``/``cuda`` and GPUs present, GPU ``index`` (modulo the GPU
-    count, so replicas share GPUs when there are fewer); anything else (``cpu``, ``cuda:i``) is kept."""
+def replica_device(device: str, index: int, tensor_parallel_size: int = 1) -> str:
+    """Replica ``index``'s device: with ``auto``/``cuda`` and GPUs present, GPU ``index`` (times
+    ``tensor_parallel_size``: its ranks take the GPUs after it; modulo the GPU count, so replicas share GPUs
+    when there are fewer); anything else (``cpu``, ``cuda:i``) is kept."""
     if device not in ("auto", "cuda"):
         return device
     import torch
 
     if not torch.cuda.is_available():
         return device
-    return f"cuda:{index % torch.cuda.device_count()}"
+    return f"cuda:{(index * tensor_parallel_size) % torch.cuda.device_count()}"
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -99,6 +101,11 @@ class ReplicaLoop:
                 self._step()
             if parent is not None and not parent.is_alive():
                 return  # orphaned: nobody is left to serve
+            broken = self.engine.unhealthy_reason()
+            if broken is not None:  # a tensor-parallel rank died: fail what is pending, then exit
+                self.report.finished.extend(self.engine.step())
+                self._send()
+                raise RuntimeError(broken)
             if self.report.has_news() or time.monotonic() - self.last_sent >= self.heartbeat_s:
                 self._send()
         for request_id in list(self.engine.requests):
@@ -186,7 +193,7 @@ def replica_main(
 
         from diffulex.engine.engine import Engine
 
-        device = replica_device(config.device, index)
+        device = replica_device(config.device, index, config.tensor_parallel_size)
         if device.startswith("cuda:"):
             torch.cuda.set_device(torch.device(device))  # graphs and kernels use the current device
         elif options.cpu_threads is not None:
@@ -205,7 +212,10 @@ def replica_main(
         max_model_len=engine.max_model_len,
     )
     reports.send(info)
-    ReplicaLoop(engine, commands, reports, options.heartbeat_s).run()
+    try:
+        ReplicaLoop(engine, commands, reports, options.heartbeat_s).run()
+    finally:
+        engine.close()  # its tensor-parallel workers, if any
 
 
 # ----- the parent's side --------------------------------------------------------------------------------

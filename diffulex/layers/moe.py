@@ -25,6 +25,11 @@ parameters are views ``gate_up_weight[e]`` / ``down_weight[e]``. The loader writ
 grouped path reads the same memory, so the fused path costs no second copy. The stacks are non-persistent
 buffers (the checkpoint names stay the per-expert ones); ``_apply`` (``.to()``, ``.cuda()``, ``.half()``)
 converts the stacks once and re-points the views, instead of copying every expert on its own.
+
+**Tensor parallelism** splits every expert's intermediate dimension (and the shared experts'): a rank
+holds ``gate_up_weight [E, 2I/tp, H]`` and ``down_weight [E, H, I/tp]``, the router is replicated (every
+rank routes every token alike), each rank's experts produce partial sums and the block ends with one
+all-reduce. At one rank the all-reduce is a no-op and the computation is unchanged.
 """
 
 from __future__ import annotations
@@ -36,9 +41,15 @@ import torch
 from torch import nn
 
 from diffulex.layers.linear import Linear, batch_invariant_linear
+from diffulex.layers.parallel_state import all_reduce, divide, get_parallel_state
 from diffulex.layers.qwen_blocks import SwiGLUMLP
 
-ExpertMLP = SwiGLUMLP  # one expert: the official gate/up/down names, gate and up merged
+
+def ExpertMLP(hidden_size: int, intermediate_size: int) -> SwiGLUMLP:  # noqa: N802 - stands for a class
+    """One expert: the official gate/up/down names, gate and up merged; its output is a partial sum under
+    tensor parallelism (the block all-reduces once)."""
+    return SwiGLUMLP(hidden_size, intermediate_size, reduce=False)
+
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None  # checked without importing it on CPU
 
@@ -58,6 +69,8 @@ class StackedExperts(nn.ModuleList):
         with torch.device("meta"):
             experts = [ExpertMLP(hidden_size, intermediate_size) for _ in range(num_experts)]
         super().__init__(experts)
+        # This tensor-parallel rank's slice of each expert's intermediate dimension.
+        intermediate_size = divide(intermediate_size, get_parallel_state().tp_size, "moe_intermediate_size")
         # Uninitialised on purpose, like every parameter: the checkpoint overwrites them (through the views).
         self.register_buffer(
             "gate_up_weight", torch.empty(num_experts, 2 * intermediate_size, hidden_size), persistent=False
@@ -132,6 +145,7 @@ class SparseMoeBlock(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         self.gate = Linear(hidden_size, num_experts)
         self.experts = StackedExperts(num_experts, hidden_size, intermediate_size)
+        self.parallel = get_parallel_state()  # the experts' partial sums are reduced over its group
 
     @property
     def cuda_graph_safe(self) -> bool:
@@ -151,8 +165,10 @@ class SparseMoeBlock(nn.Module):
         """``hidden [T, hidden]`` -> ``[T, hidden]``: the routing-weighted sum of each token's experts."""
         weights, expert_ids = self.route(hidden)
         if use_fused_moe(hidden):
-            return self.experts.fused_forward(hidden, weights, expert_ids)
-        return self.experts.grouped_forward(hidden, weights, expert_ids, hidden.dtype)
+            return all_reduce(self.experts.fused_forward(hidden, weights, expert_ids), self.parallel)
+        return all_reduce(
+            self.experts.grouped_forward(hidden, weights, expert_ids, hidden.dtype), self.parallel
+        )
 
 
 class GroupLimitedSigmoidRouter(nn.Module):
@@ -235,6 +251,7 @@ class GroupedSigmoidMoeBlock(nn.Module):
         self.shared_experts = (
             ExpertMLP(hidden_size, intermediate_size * num_shared_experts) if num_shared_experts else None
         )
+        self.parallel = get_parallel_state()  # the experts' partial sums are reduced over its group
 
     @property
     def cuda_graph_safe(self) -> bool:
@@ -254,4 +271,4 @@ class GroupedSigmoidMoeBlock(nn.Module):
             out = self.experts.grouped_forward(hidden, weights, expert_ids, torch.float32).to(hidden.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
-        return out
+        return all_reduce(out, self.parallel)  # partial sums of this rank's intermediate slices

@@ -14,21 +14,24 @@ from torch import nn
 
 from diffulex.layers.activation import silu_and_mul
 from diffulex.layers.attention import Attention
-from diffulex.layers.linear import Linear, MergedLinear
+from diffulex.layers.linear import MergedLinear, RowParallelLinear, qkv_linear
 from diffulex.layers.norm import RMSNorm
+from diffulex.layers.parallel_state import split_heads
 from diffulex.layers.rotary import RotaryEmbedding
 
 
 class SwiGLUMLP(nn.Module):
     """SwiGLU MLP ``down(silu(gate(x)) * up(x))``; gate and up as one merged projection (official names kept
-    as shards)."""
+    as shards). Tensor parallel: the intermediate dimension is split (gate/up column-parallel, down
+    row-parallel), one all-reduce at the end, or none with ``reduce=False`` (MoE experts: the block reduces
+    once)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, reduce: bool = True):
         super().__init__()
         self.gate_up_proj = MergedLinear(
             hidden_size, [("gate_proj", intermediate_size), ("up_proj", intermediate_size)]
         )
-        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, reduce=reduce)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(*self.gate_up_proj(hidden)))
@@ -38,7 +41,9 @@ class QwenAttention(nn.Module):
     """Self-attention with merged ``qkv_proj`` (bias with ``qkv_bias``), per-head q/k RMSNorm before RoPE
     when ``qk_norm`` (Qwen3), GQA through the paged attention, and ``o_proj`` (bias with ``o_bias``).
 
-    ``num_heads * head_dim`` need not equal ``hidden_size`` (SDAR-4B: 32 x 128 = 4096 vs 2560).
+    ``num_heads * head_dim`` need not equal ``hidden_size`` (SDAR-4B: 32 x 128 = 4096 vs 2560). Tensor
+    parallel: each rank keeps its query heads and the KV heads they read (``split_heads``), ``o_proj`` is
+    row-parallel (the block's one all-reduce).
     """
 
     def __init__(
@@ -55,18 +60,16 @@ class QwenAttention(nn.Module):
         eps: float = 1e-6,
     ):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        kv_dim = num_kv_heads * head_dim
-        self.qkv_proj = MergedLinear(
-            hidden_size, [("q_proj", num_heads * head_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)], qkv_bias
-        )
-        self.o_proj = Linear(num_heads * head_dim, hidden_size, o_bias)
+        split = split_heads(num_heads, num_kv_heads)
+        self.num_heads, self.num_kv_heads, self.head_dim = split.num_heads, split.num_kv_heads, head_dim
+        self.qkv_proj = qkv_linear(hidden_size, split, num_heads, num_kv_heads, head_dim, qkv_bias)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, o_bias)
         self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(head_dim, eps)  # over each head's channels, not the whole projection
             self.k_norm = RMSNorm(head_dim, eps)
         self.rotary_emb = rotary
-        self.attn = Attention(num_heads, num_kv_heads, head_dim)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden.shape[0]

@@ -23,6 +23,7 @@ from torch import nn
 from diffulex.layers.norm import RMSNorm
 from diffulex.layers.qwen_blocks import PreNormDecoderLayer, QwenAttention, SwiGLUMLP, run_decoder_stack
 from diffulex.layers.rotary import RotaryEmbedding
+from diffulex.layers.vocab_parallel import VocabParallelEmbedding
 from diffulex.models.qwen_lm import QwenStyleLM, qwen_spec
 from diffulex.models.registry import (
     ModelSpec,
@@ -63,9 +64,7 @@ class DreamBaseModel(nn.Module):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
         hidden_size, vocab_size = int(cfg["hidden_size"]), int(cfg["vocab_size"])
-        self.embed_tokens = nn.Embedding(
-            vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size)
-        )
+        self.embed_tokens = VocabParallelEmbedding(vocab_size, hidden_size)
         head_dim = _head_dim(cfg)
         rotary = RotaryEmbedding(head_dim, head_dim, float(cfg.get("rope_theta", _DEFAULT_ROPE_THETA)))
         eps = float(cfg.get("rms_norm_eps", _DEFAULT_RMS_EPS))

@@ -23,9 +23,11 @@ from torch import nn
 
 from diffulex.layers.activation import silu_and_mul
 from diffulex.layers.attention import Attention
-from diffulex.layers.linear import Linear, MergedLinear, UnmergedView, batch_invariant_linear
+from diffulex.layers.linear import MergedLinear, RowParallelLinear, UnmergedView, qkv_linear
 from diffulex.layers.norm import RMSNorm
+from diffulex.layers.parallel_state import split_heads
 from diffulex.layers.rotary import RotaryEmbedding
+from diffulex.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from diffulex.models.registry import (
     ModelSpec,
     load_mapped_weights,
@@ -70,8 +72,9 @@ class LLaDABlock(nn.Module):
     def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding):
         super().__init__()
         d_model, num_heads = int(cfg["d_model"]), int(cfg["n_heads"])
-        self.num_heads = num_heads
-        self.num_kv_heads = _effective_kv_heads(cfg)
+        num_kv_heads = _effective_kv_heads(cfg)
+        split = split_heads(num_heads, num_kv_heads)  # this tensor-parallel rank's heads (all at one rank)
+        self.num_heads, self.num_kv_heads = split.num_heads, split.num_kv_heads
         self.head_dim = d_model // num_heads
         mlp_hidden = int(cfg.get("mlp_hidden_size") or cfg.get("mlp_ratio", 4) * d_model)
         bias = bool(cfg.get("include_bias", False))
@@ -81,15 +84,12 @@ class LLaDABlock(nn.Module):
         eps = float(cfg.get("rms_norm_eps", 1e-5))
 
         self.attn_norm = RMSNorm(d_model, eps, bias=norm_bias)
-        kv_dim = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(
-            d_model, [("q_proj", num_heads * self.head_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)], qkv_bias
-        )
-        self.attn_out = Linear(num_heads * self.head_dim, d_model, bias)
+        self.qkv_proj = qkv_linear(d_model, split, num_heads, num_kv_heads, self.head_dim, qkv_bias)
+        self.attn_out = RowParallelLinear(num_heads * self.head_dim, d_model, bias)
         self.ff_norm = RMSNorm(d_model, eps, bias=norm_bias)
         # ff_proj is the SwiGLU gate (SiLU applies to it), up_proj the other factor.
         self.gate_up_proj = MergedLinear(d_model, [("ff_proj", mlp_hidden), ("up_proj", mlp_hidden)], bias)
-        self.ff_out = Linear(mlp_hidden, d_model, bias)
+        self.ff_out = RowParallelLinear(mlp_hidden, d_model, bias)
         self.rotary_emb = rotary  # shared by all blocks: it only holds the frequencies
         self.attn = Attention(num_heads, self.num_kv_heads, self.head_dim)
 
@@ -120,10 +120,7 @@ class LLaDAModel(nn.Module):
         super().__init__()
         d_model = int(cfg["d_model"])
         num_embeddings = int(cfg.get("embedding_size") or cfg["vocab_size"])
-        # `_weight` skips nn.Embedding's random init: the checkpoint overwrites it anyway.
-        self.embed_tokens = nn.Embedding(
-            num_embeddings, d_model, _weight=torch.empty(num_embeddings, d_model)
-        )
+        self.embed_tokens = VocabParallelEmbedding(num_embeddings, d_model)
         head_dim = d_model // int(cfg["n_heads"])
         rotary = RotaryEmbedding(head_dim, head_dim, float(cfg.get("rope_theta", 10000.0)))
         self.layers = nn.ModuleList(LLaDABlock(cfg, rotary) for _ in range(int(cfg["n_layers"])))
@@ -160,7 +157,7 @@ class LLaDAModelLM(nn.Module):
         _check_supported(hf_config)
         self.spec = self.spec_from_config(hf_config)
         self.model = LLaDAModel(hf_config)
-        self.lm_head = Linear(
+        self.lm_head = ParallelLMHead(
             self.spec.hidden_size, self.spec.vocab_size, bool(hf_config.get("include_bias", False))
         )
         self.tie_word_embeddings = bool(hf_config.get("weight_tying", False))
@@ -201,10 +198,11 @@ class LLaDAModelLM(nn.Module):
         """``input_ids [T]``, ``positions [T]`` (packed tokens of the step) -> final hidden ``[T, d_model]``."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden [N, d_model]`` -> logits ``[N, vocab_size]`` in the model dtype."""
-        logits = batch_invariant_linear(hidden, self.lm_head.weight, self.lm_head.bias)
-        if self.logit_scale is not None:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``hidden [N, d_model]`` -> logits ``[N, vocab_size]`` in the model dtype (tensor parallel: on
+        rank 0; the other ranks get None)."""
+        logits = self.lm_head(hidden)
+        if logits is not None and self.logit_scale is not None:
             logits = logits * self.logit_scale
         return logits
 

@@ -22,11 +22,13 @@ import torch
 from torch import nn
 
 from diffulex.layers.attention import Attention
-from diffulex.layers.linear import Linear
+from diffulex.layers.linear import ColumnParallelLinear, RowParallelLinear
 from diffulex.layers.moe import GroupedSigmoidMoeBlock
 from diffulex.layers.norm import RMSNorm
+from diffulex.layers.parallel_state import split_heads
 from diffulex.layers.qwen_blocks import PreNormDecoderLayer, SwiGLUMLP, run_decoder_stack
 from diffulex.layers.rotary import RotaryEmbedding
+from diffulex.layers.vocab_parallel import VocabParallelEmbedding
 from diffulex.models.qwen_lm import QwenStyleLM, qwen_spec
 from diffulex.models.registry import ModelSpec, register_model
 
@@ -80,16 +82,27 @@ class LLaDA2Attention(nn.Module):
     def __init__(self, cfg: dict[str, Any], rotary: RotaryEmbedding):
         super().__init__()
         hidden_size = int(cfg["hidden_size"])
-        self.num_heads = int(cfg["num_attention_heads"])
-        self.num_kv_heads = int(cfg.get("num_key_value_heads") or self.num_heads)
-        self.head_dim = _head_dim(cfg)
+        num_heads = int(cfg["num_attention_heads"])
+        num_kv_heads = int(cfg.get("num_key_value_heads") or num_heads)
+        self.head_dim = head_dim = _head_dim(cfg)
+        split = split_heads(num_heads, num_kv_heads)  # this tensor-parallel rank's heads (all at one rank)
+        self.num_heads, self.num_kv_heads = split.num_heads, split.num_kv_heads
         eps = float(_setting(cfg, "rms_norm_eps"))
-        self.query_key_value = Linear(
+        # The fused tensor's rows are all q heads, then all k heads, then all v heads: a rank keeps its
+        # range of each.
+        k_base, v_base = num_heads * head_dim, (num_heads + num_kv_heads) * head_dim
+        kv_rows = split.num_kv_heads * head_dim
+        self.query_key_value = ColumnParallelLinear(
             hidden_size,
-            (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+            (num_heads + 2 * num_kv_heads) * head_dim,
             bool(cfg.get("use_qkv_bias", False)),
+            segments=[
+                (split.q_start * head_dim, split.num_heads * head_dim),
+                (k_base + split.kv_start * head_dim, kv_rows),
+                (v_base + split.kv_start * head_dim, kv_rows),
+            ],
         )
-        self.dense = Linear(self.num_heads * self.head_dim, hidden_size, bool(cfg.get("use_bias", True)))
+        self.dense = RowParallelLinear(num_heads * head_dim, hidden_size, bool(cfg.get("use_bias", True)))
         self.use_qk_norm = bool(cfg.get("use_qk_norm", True))
         if self.use_qk_norm:
             self.query_layernorm = RMSNorm(self.head_dim, eps)
@@ -133,9 +146,7 @@ class LLaDA2Model(nn.Module):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
         hidden_size, vocab_size = int(cfg["hidden_size"]), int(cfg["vocab_size"])
-        self.word_embeddings = nn.Embedding(
-            vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size)
-        )
+        self.word_embeddings = VocabParallelEmbedding(vocab_size, hidden_size)
         theta = float(_setting(cfg, "rope_theta"))
         rotary = RotaryEmbedding(_head_dim(cfg), _rotary_dim(cfg), theta)
         eps = float(_setting(cfg, "rms_norm_eps"))

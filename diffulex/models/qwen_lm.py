@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffulex.layers.linear import Linear, UnmergedView, batch_invariant_linear
+from diffulex.layers.linear import UnmergedView
+from diffulex.layers.vocab_parallel import ParallelLMHead
 from diffulex.models.registry import ModelSpec, load_mapped_weights, merge_token_ids, token_ids
 
 
@@ -28,7 +29,7 @@ class QwenStyleLM(nn.Module):
         self.check_config(hf_config)
         self.spec: ModelSpec = self.spec_from_config(hf_config)
         self.model = self.build_model(hf_config)
-        self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size)
+        self.lm_head = ParallelLMHead(self.spec.hidden_size, self.spec.vocab_size)
         self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
 
     # ----- what each family provides ------------------------------------------------------------------
@@ -47,9 +48,10 @@ class QwenStyleLM(nn.Module):
         """``input_ids [T]``, ``positions [T]`` (packed tokens of the step) -> final hidden ``[T, hidden]``."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden [N, hidden]`` -> logits ``[N, vocab_size]`` in the model dtype (no shift here)."""
-        return batch_invariant_linear(hidden, self.lm_head.weight)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``hidden [N, hidden]`` -> logits ``[N, vocab_size]`` in the model dtype (no shift here); tensor
+        parallel: on rank 0, None on the other ranks."""
+        return self.lm_head(hidden)
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head (``tie_word_embeddings``)."""

@@ -163,9 +163,12 @@ def load_mapped_weights(
     ``to_local_name`` maps an official name to a parameter name of ``module`` (None = not a name of this
     architecture). ``ignored`` names are skipped silently (e.g. an LM head saved beside tied embeddings).
     Each tensor is cast to its parameter's dtype and device as it is copied, so shards can be streamed.
+    A module with ``load_slice(local_name, tensor)`` (``UnmergedView``) narrows each tensor to the part this
+    tensor-parallel rank holds before the shape check.
     Every problem is collected before raising, so one error lists them all; errors report official names.
     """
     params = dict(module.named_parameters())  # tied parameters appear once, under their first name
+    load_slice = getattr(module, "load_slice", None)
     seen: set[str] = set()  # local names the checkpoint provided (loaded or wrongly shaped)
     unexpected: list[str] = []
     wrong_shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
@@ -178,6 +181,8 @@ def load_mapped_weights(
             unexpected.append(name)
             continue
         seen.add(local)
+        if load_slice is not None:
+            tensor = load_slice(local, tensor)
         if tuple(tensor.shape) != tuple(param.shape):
             wrong_shapes.append((name, tuple(tensor.shape), tuple(param.shape)))
             continue
