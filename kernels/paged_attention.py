@@ -45,67 +45,6 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _last_split_combines(
-    part_acc_ptr,
-    part_ml_ptr,
-    counter_ptr,
-    out_ptr,
-    tok_m,
-    m_valid,
-    head,
-    counter_index,
-    stride_ot,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    NUM_HEADS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Fused combine (split path): the split that arrives last for its (sequence, query tile, head) sums
-    the partials of all splits, in split order (the same bits whichever split is last), then re-arms the
-    counter for the next launch. Saves the separate combine launch of a batch-1 step."""
-    # Every thread's partial stores are issued before the arrival is published (acq_rel orders them).
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr + counter_index, 1, sem="acq_rel", scope="gpu")
-    if arrived == NUM_SPLITS - 1:
-        offs_d = tl.arange(0, BLOCK_D)
-        d_valid = offs_d < HEAD_DIM
-        base = (tok_m * NUM_HEADS + head) * NUM_SPLITS  # [BLOCK_M]
-        # .cg loads: the partials were written by other SMs during this launch (skip this SM's L1).
-        m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        for split in range(NUM_SPLITS):
-            m_s = tl.load(
-                part_ml_ptr + (base + split) * 2, mask=m_valid, other=float("-inf"), cache_modifier=".cg"
-            )
-            m_max = tl.maximum(m_max, m_s)
-        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # no split saw anything
-        total = tl.zeros([BLOCK_M], tl.float32)
-        out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for split in range(NUM_SPLITS):
-            m_s = tl.load(
-                part_ml_ptr + (base + split) * 2, mask=m_valid, other=float("-inf"), cache_modifier=".cg"
-            )
-            l_s = tl.load(part_ml_ptr + (base + split) * 2 + 1, mask=m_valid, other=0.0, cache_modifier=".cg")
-            scale = tl.math.exp2(m_s - m_safe)  # 0 for a split that saw nothing (max -inf)
-            total += l_s * scale
-            acc = tl.load(  # an empty split's acc is never written
-                part_acc_ptr + (base + split)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=(m_valid & (l_s > 0.0))[:, None] & d_valid[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            out += acc * scale[:, None]
-        out = out / tl.where(total > 0.0, total, 1.0)[:, None]
-        tl.store(
-            out_ptr + tok_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=m_valid[:, None] & d_valid[None, :],
-        )
-        tl.atomic_xchg(counter_ptr + counter_index, 0)
-
-
-@triton.jit
 def _paged_attention_kernel(
     q_ptr,
     k_ptr,
@@ -115,7 +54,6 @@ def _paged_attention_kernel(
     out_ptr,
     part_acc_ptr,  # split path: [T, H, NUM_SPLITS, HEAD_DIM] fp32 un-normalised partial outputs
     part_ml_ptr,  # split path: [T, H, NUM_SPLITS, 2] fp32 (running max in base 2, running sum)
-    counter_ptr,  # fused combine: int32 arrivals per (sequence, query tile, head), zero between launches
     cu_seqlens_ptr,
     block_ids_ptr,
     context_lens_ptr,
@@ -147,7 +85,6 @@ def _paged_attention_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    FUSE_COMBINE: tl.constexpr,
 ):
     head = tl.program_id(0)
     tile_m = tl.program_id(1) // NUM_SPLITS
@@ -189,12 +126,6 @@ def _paged_attention_kernel(
             part = (tok_m * NUM_HEADS + head) * NUM_SPLITS + split
             tl.store(part_ml_ptr + part * 2, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=m_valid)
             tl.store(part_ml_ptr + part * 2 + 1, tl.zeros([BLOCK_M], tl.float32), mask=m_valid)
-            if FUSE_COMBINE:
-                _last_split_combines(
-                    part_acc_ptr, part_ml_ptr, counter_ptr, out_ptr, tok_m, m_valid, head,
-                    (seq * (tl.num_programs(1) // NUM_SPLITS) + tile_m) * NUM_HEADS + head,
-                    stride_ot, stride_oh, HEAD_DIM, NUM_HEADS, NUM_SPLITS, BLOCK_M, BLOCK_D,
-                )  # fmt: skip
             return
 
     q = tl.load(
@@ -291,12 +222,6 @@ def _paged_attention_kernel(
         )
         tl.store(part_ml_ptr + part * 2, m_i, mask=m_valid)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=m_valid)
-        if FUSE_COMBINE:
-            _last_split_combines(
-                part_acc_ptr, part_ml_ptr, counter_ptr, out_ptr, tok_m, m_valid, head,
-                (seq * (tl.num_programs(1) // NUM_SPLITS) + tile_m) * NUM_HEADS + head,
-                stride_ot, stride_oh, HEAD_DIM, NUM_HEADS, NUM_SPLITS, BLOCK_M, BLOCK_D,
-            )  # fmt: skip
 
 
 @triton.jit
@@ -413,23 +338,6 @@ MAX_NUM_SPLITS = 16
 PROGRAMS_PER_SM = 1.25
 
 
-# Fuse the split combine into the attention kernel (the last split of a query tile combines): saves a
-# launch per layer at batch 1. Set from the cold-K/V sweep of scripts/tune_attention.py.
-FUSE_SPLIT_COMBINE = False
-# Arrival counters of the fused combine, per device. They are never freed: a captured CUDA graph keeps
-# using the memory it was captured with, so a replaced (smaller) buffer must stay allocated.
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-_MIN_COUNTERS = 1024  # a split grid has fewer than PROGRAMS_PER_SM * SMs (sequence, tile, head) triples
-
-
-def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 counters (at least ``count``); the kernel leaves them at zero after each launch."""
-    buffers = _COUNTERS.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < count:
-        buffers.append(torch.zeros(max(count, _MIN_COUNTERS), dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -471,7 +379,6 @@ def paged_attention_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     num_splits: int | None = None,
-    fuse_combine: bool | None = None,
 ) -> torch.Tensor:
     """Attention of packed query tokens over their paged context plus their own K/V (see module doc).
 
@@ -486,8 +393,6 @@ def paged_attention_triton(
     ``num_splits`` (default :func:`choose_num_splits` of the grid and the device's SM count) splits each
     sequence's key range (context then own keys) into that many chunks, one program each, writing fp32
     partials to scratch that a second kernel combines (split-KV / flash-decoding); 1 is the unsplit path.
-    ``fuse_combine`` (default ``FUSE_SPLIT_COMBINE``) has the last split of each (sequence, query tile,
-    head) do that combination inside the attention kernel instead.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
@@ -537,11 +442,6 @@ def paged_attention_triton(
         )
     else:
         part_acc = part_ml = out  # unused
-    fuse = num_splits > 1 and (FUSE_SPLIT_COMBINE if fuse_combine is None else fuse_combine)
-    if fuse:
-        counters = _arrival_counters(query.device, num_seqs * num_tiles_m * num_heads)
-    else:
-        counters = cu_seqlens_q  # unused
 
     grid = (num_heads, num_tiles_m * num_splits, num_seqs)
     _paged_attention_kernel[grid](
@@ -553,7 +453,6 @@ def paged_attention_triton(
         out,
         part_acc,
         part_ml,
-        counters,
         cu_seqlens_q,
         block_ids,
         context_lens,
@@ -580,11 +479,10 @@ def paged_attention_triton(
         BLOCK_D=block_d,
         DOT_PRECISION=dot_precision,
         NUM_SPLITS=num_splits,
-        FUSE_COMBINE=fuse,
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if num_splits > 1 and not fuse:
+    if num_splits > 1:
         block_s = triton.next_power_of_2(num_splits)
         # A few heads per program, ~4K fp32 partial elements: 2 heads at 9 splits x 128 dims.
         block_h = min(triton.next_power_of_2(num_heads), max(1, 4096 // (block_s * block_d)))

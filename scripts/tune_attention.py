@@ -84,14 +84,6 @@ def main() -> None:
                 continue
             rows.append({**config, "ms": ms})
         ok = sorted((r for r in rows if r["ms"] is not None), key=lambda r: r["ms"])
-        if num_seqs == 1:  # the best split configurations again with the combine fused into the kernel
-            for row in ok[:10]:
-                config = {
-                    key: row[key] for key in ("num_splits", "block_m", "block_n", "num_warps", "num_stages")
-                }
-                config["fuse_combine"] = True
-                rows.append({**config, "ms": time_per_call(config, rep=30)})
-            ok = sorted((r for r in rows if r["ms"] is not None), key=lambda r: r["ms"])
         kv_gb_per_s = cache_bytes / (ok[0]["ms"] * 1e-3) / 1e9 if ok else None
         results[num_seqs] = {
             "default_ms": default_ms,

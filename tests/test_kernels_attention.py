@@ -75,15 +75,12 @@ CPU_CASES = [
         kwargs={"block_n": 64},
     ),
 ]
-# Split settings run on every CPU case: unsplit, split with the separate combine kernel, and split with
-# the combine fused into the attention kernel (the last split of a tile combines).
-SPLITS = ("1", "2", "3", "2-fused", "3-fused")
+SPLITS = (1, 2, 3)  # num_splits run on every CPU case
 
 
-def split_kwargs(case: Case, split: str) -> dict:
-    """The kernel overrides of a case at a split setting: split runs default to 16-key tiles."""
-    num_splits = int(split.split("-")[0])
-    kwargs = {**case.kwargs, "num_splits": num_splits, "fuse_combine": split.endswith("-fused")}
+def split_kwargs(case: Case, num_splits: int) -> dict:
+    """The kernel overrides of a case at ``num_splits``: split runs default to 16-key tiles."""
+    kwargs = {**case.kwargs, "num_splits": num_splits}
     if num_splits > 1:
         kwargs.setdefault("block_n", 16)
     return kwargs
@@ -253,14 +250,14 @@ def run_cpu_checks(shard: int = 0, num_shards: int = 1) -> dict[str, float | str
     """The CPU checks of one shard (every ``num_shards``-th, from ``shard``) under the interpreter: name
     -> max abs error (or the error text)."""
     checks = [(f"{case.name}/splits={n}", case, n) for case in CPU_CASES for n in SPLITS]
-    checks.append(("store_kv_fp32", None, "0"))
+    checks.append(("store_kv_fp32", None, 0))
     results: dict[str, float | str] = {}
-    for name, case, split in checks[shard::num_shards]:
+    for name, case, num_splits in checks[shard::num_shards]:
         try:  # report, don't crash the whole batch
             if case is None:
                 results[name] = _store_kv_error(torch.float32, torch.float32, "cpu")
                 continue
-            got, ref = kernel_and_reference(case, torch.float32, "cpu", kwargs=split_kwargs(case, split))
+            got, ref = kernel_and_reference(case, torch.float32, "cpu", kwargs=split_kwargs(case, num_splits))
             results[name] = "NaN in output" if got.isnan().any() else (got - ref).abs().max().item()
         except Exception as exc:
             results[name] = f"{type(exc).__name__}: {exc}"
@@ -295,10 +292,12 @@ def cpu_report() -> dict[str, float | str]:
     return report
 
 
-@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("num_splits", SPLITS)
 @pytest.mark.parametrize("case_name", [case.name for case in CPU_CASES])
-def test_paged_attention_interpreter_matches_reference(cpu_report: dict, case_name: str, split: str) -> None:
-    name = f"{case_name}/splits={split}"
+def test_paged_attention_interpreter_matches_reference(
+    cpu_report: dict, case_name: str, num_splits: int
+) -> None:
+    name = f"{case_name}/splits={num_splits}"
     error = cpu_report[name]
     assert isinstance(error, float), error
     assert error < 1e-4, f"{name}: max abs error {error}"
@@ -380,9 +379,7 @@ def _llada_case(name: str, q_len: int, ctx_len: int, mask: str, hole: tuple[int,
     )  # fmt: skip
 
 
-def _replay_in_graph(
-    datas: list[dict], num_splits: int | None, max_pages: int = 40, fuse_combine: bool | None = None
-) -> None:
+def _replay_in_graph(datas: list[dict], num_splits: int | None, max_pages: int = 40) -> None:
     """Capture one launch on ``datas[0]``'s buffers, then replay it on each data set copied in: the grid
     depends only on (S, H, max_seqlen_q, num_splits), so one captured launch serves other lengths."""
     from diffulex.kernels.paged_attention import paged_attention_triton
@@ -406,7 +403,7 @@ def _replay_in_graph(
         return paged_attention_triton(
             static["query"], static["key"], static["value"], static["k_cache"], static["v_cache"],
             static["cu"], static["ids"], static["ctx"], static["holes"], static["pt"], first["scale"], 32,
-            num_splits=num_splits, fuse_combine=fuse_combine,
+            num_splits=num_splits,
         )  # fmt: skip
 
     # The warm-up launch really runs: give it the first case's page table (a table of -1 pages under
@@ -443,11 +440,8 @@ def _replay_in_graph(
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("fuse_combine", [False, True])
 @pytest.mark.parametrize("num_splits", [None, 1, 16])
-def test_paged_attention_gpu_cuda_graph_replay_with_new_lengths(
-    num_splits: int | None, fuse_combine: bool
-) -> None:
+def test_paged_attention_gpu_cuda_graph_replay_with_new_lengths(num_splits: int | None) -> None:
     first = build_case(_realistic_case(8, "block_causal"), torch.bfloat16, "cuda", seed=1)
     second = build_case(
         Case("second", [17, 32], [70, 1000], holes=[(32, 64), (0, 0)], mask="padding", heads=32, kv_heads=8,
@@ -456,16 +450,14 @@ def test_paged_attention_gpu_cuda_graph_replay_with_new_lengths(
         "cuda",
         seed=2,
     )  # fmt: skip
-    # Replayed twice over: the fused combine's arrival counters must be re-armed by every launch.
-    _replay_in_graph([first, second, first, second], num_splits, fuse_combine=fuse_combine)
+    _replay_in_graph([first, second], num_splits)
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("mask", ["bidirectional", "block_causal", "padding"])
-@pytest.mark.parametrize("fuse_combine", [False, True])
 @pytest.mark.parametrize("num_splits", [None, 1, 2, 4, 9, 16])
-def test_paged_attention_gpu_split_llada_shape(mask: str, num_splits: int | None, fuse_combine: bool) -> None:
+def test_paged_attention_gpu_split_llada_shape(mask: str, num_splits: int | None) -> None:
     """Split-KV at the shape it exists for: 1 sequence x 32 heads x 1 query tile over 1,024 cached keys."""
     from diffulex.kernels.paged_attention import choose_num_splits
 
@@ -473,7 +465,7 @@ def test_paged_attention_gpu_split_llada_shape(mask: str, num_splits: int | None
     assert choose_num_splits(32, sm_count) > 1  # the default takes the split path at this shape
     hole = (992, 1024) if mask == "bidirectional" else (0, 0)
     data = build_case(_llada_case("llada", 32, 1024, mask, hole), torch.bfloat16, "cuda", seed=4)
-    got = run_kernel(data, num_splits=num_splits, fuse_combine=fuse_combine)
+    got = run_kernel(data, num_splits=num_splits)
     ref = run_reference(data)
     assert not got.isnan().any()
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=0)
@@ -483,9 +475,8 @@ def test_paged_attention_gpu_split_llada_shape(mask: str, num_splits: int | None
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("fuse_combine", [False, True])
 @pytest.mark.parametrize("num_splits", [None, 16])
-def test_paged_attention_gpu_split_cuda_graph_llada_shape(num_splits: int | None, fuse_combine: bool) -> None:
+def test_paged_attention_gpu_split_cuda_graph_llada_shape(num_splits: int | None) -> None:
     """One captured split launch replayed on contexts of 1,024 keys, 5 keys (most splits empty), none,
     and a context that is all hole (the context splits see nothing)."""
     datas = [
@@ -497,7 +488,7 @@ def test_paged_attention_gpu_split_cuda_graph_llada_shape(num_splits: int | None
         ),
         build_case(_llada_case("hole", 32, 1000, "padding", (480, 520)), torch.bfloat16, "cuda", seed=9),
     ]
-    _replay_in_graph(datas, num_splits, fuse_combine=fuse_combine)
+    _replay_in_graph(datas, num_splits)
 
 
 @pytest.mark.gpu
