@@ -215,38 +215,29 @@ if triton is not None:
         sin = tl.sin(angles)[None, :]
         if block < Q_BLOCKS:
             first = block * BLOCK_HEADS
-            _rope_heads(
-                q_ptr + t * stride_qt + first * stride_qh,
-                q_out_ptr + (t * H + first) * D,
-                stride_qh,
-                stride_qd,
-                H - first,
-                D,
-                HALF,
-                cos,
-                sin,
-                BLOCK_HEADS,
-                BLOCK_HALF,
-                HAS_PASS,
-                BLOCK_PASS,
-            )
+            src = q_ptr + t * stride_qt + first * stride_qh
+            dst = q_out_ptr + (t * H + first) * D
+            stride_h, stride_d, count = stride_qh, stride_qd, H - first
         else:
             first = (block - Q_BLOCKS) * BLOCK_HEADS
-            _rope_heads(
-                k_ptr + t * stride_kt + first * stride_kh,
-                k_out_ptr + (t * KVH + first) * D,
-                stride_kh,
-                stride_kd,
-                KVH - first,
-                D,
-                HALF,
-                cos,
-                sin,
-                BLOCK_HEADS,
-                BLOCK_HALF,
-                HAS_PASS,
-                BLOCK_PASS,
-            )
+            src = k_ptr + t * stride_kt + first * stride_kh
+            dst = k_out_ptr + (t * KVH + first) * D
+            stride_h, stride_d, count = stride_kh, stride_kd, KVH - first
+        _rope_heads(
+            src,
+            dst,
+            stride_h,
+            stride_d,
+            count,
+            D,
+            HALF,
+            cos,
+            sin,
+            BLOCK_HEADS,
+            BLOCK_HALF,
+            HAS_PASS,
+            BLOCK_PASS,
+        )
 
     @triton.jit
     def _silu_and_mul_kernel(
