@@ -208,3 +208,25 @@ def test_expert_parallel_greedy_outputs_equal_one_rank(
     finally:
         runner.close()
     assert not any(process.is_alive() for process in runner.processes)
+
+
+def test_flag_and_experts_that_do_not_split(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from diffulex.cli import app as cli_app
+
+    odd = write_tiny_checkpoint("sdar_moe", tmp_path / "odd-experts", seed=7, num_experts=3)
+    launched = []
+    monkeypatch.setattr("diffulex.server.app.build_and_run", lambda e, s: launched.append(e))
+    flags = ["--tensor-parallel-size", "2", "--expert-parallel-size", "2"]
+    result = CliRunner().invoke(cli_app, ["serve", "--model", str(odd), *flags])
+    assert result.exit_code == 0, result.output
+    assert (launched[0].tensor_parallel_size, launched[0].expert_parallel_size) == (2, 2)
+    # Every rank fails to build its experts and rank 0 says which and why.
+    with pytest.raises(
+        RuntimeError,
+        match=r"rank 0 failed to start: .*num_experts=3 is not divisible by expert_parallel_size=2",
+    ):
+        TensorParallelRunner(
+            load_engine_config(model=str(odd), tensor_parallel_size=2, expert_parallel_size=2, **OPTIONS)
+        )
