@@ -5,7 +5,8 @@ expert-parallel shard (two ranks, tensor- and expert-parallel over the same grou
 whole), loaded from the whole block's official tensors; the shard's output must equal the whole block's
 on token counts that do not split evenly (21), that leave a rank without tokens (1), and with a router
 that sends every token to rank 0's experts (rank 1's experts receive nothing). Engine level: a TP=2/EP=2
-runner gives the same greedy tokens as one rank on the tiny LLaDA2-MoE and SDAR-MoE checkpoints.
+runner gives the same greedy tokens as one rank on the tiny LLaDA2-MoE and SDAR-MoE checkpoints,
+and logits within float32 tolerance.
 """
 
 from __future__ import annotations
@@ -205,6 +206,12 @@ def test_expert_parallel_greedy_outputs_equal_one_rank(
                 assert _run(engine, batch) == expected, strategy
             assert engine.kv_cache.is_whole()
             assert engine.unhealthy_reason() is None
+        tokens = _prompts()[4]
+        block_ids = [position // 4 for position in range(len(tokens))]
+        expected_logits = reference.engine.runner.full_logits(tokens, block_ids)
+        torch.testing.assert_close(
+            runner.full_logits(tokens, block_ids), expected_logits, atol=1e-4, rtol=1e-4
+        )
     finally:
         runner.close()
     assert not any(process.is_alive() for process in runner.processes)
