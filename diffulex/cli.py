@@ -104,6 +104,14 @@ def serve(
             "torchrun, the launch's processes. Default 1.",
         ),
     ] = None,
+    expert_parallel_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="MoE models: split the experts (whole) over the tensor-parallel ranks, tokens sent to them "
+            "with all-to-all; 1 or --tensor-parallel-size. Default 1.",
+        ),
+    ] = None,
     set_: Annotated[
         list[str],
         typer.Option(
@@ -123,6 +131,8 @@ def serve(
             overrides = {"data_parallel_size": data_parallel_size, **overrides}
         if tensor_parallel_size is not None:
             overrides = {"tensor_parallel_size": tensor_parallel_size, **overrides}
+        if expert_parallel_size is not None:
+            overrides = {"expert_parallel_size": expert_parallel_size, **overrides}
         engine_config, server_config = load_serve_config(
             config,
             overrides=overrides,

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 StrategyName = str  # validated against the strategy registry by the engine (the registry lives above)
 DTypeName = Literal["auto", "float32", "float16", "bfloat16", "float64"]
@@ -49,6 +57,13 @@ class EngineConfig(BaseModel):
         description="Ranks one model is split over (attention heads, MLP and expert intermediate sizes, "
         "vocabulary), one process each; rank 0 runs the engine and starts the others (gloo on CPU, NCCL "
         "with GPU r for rank r on CUDA), or they come from torchrun. 1 = no torch.distributed at all.",
+    )
+    expert_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="MoE models: ranks the routed experts are split over, whole experts (num_experts / "
+        "size each), tokens sent to them with all-to-all. Runs over the tensor-parallel ranks: 1 (experts "
+        "split by intermediate size under tensor parallelism) or equal to tensor_parallel_size.",
     )
     distributed_timeout_s: float = Field(
         300.0,
@@ -139,6 +154,17 @@ class EngineConfig(BaseModel):
         "auto", description="vanilla: LLaDA per-block even split or Dream linspace schedule; auto = family."
     )
     mask_token_id: int | None = Field(None, description="Override the checkpoint's mask token id.")
+
+    @field_validator("expert_parallel_size")
+    @classmethod
+    def _expert_parallel_over_tensor_ranks(cls, value: int, info: ValidationInfo) -> int:
+        tensor_parallel_size = info.data.get("tensor_parallel_size", 1)
+        if value not in (1, tensor_parallel_size):
+            raise ValueError(
+                f"expert_parallel_size={value} must be 1 or equal tensor_parallel_size={tensor_parallel_size} "
+                f"(expert parallelism runs over the tensor-parallel ranks)"
+            )
+        return value
 
 
 class ServerConfig(BaseModel):

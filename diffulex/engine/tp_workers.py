@@ -88,7 +88,15 @@ def _init_group(config: EngineConfig, rank: int, store: Any | None) -> tuple[Any
     else:
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return control, ParallelState(tp_rank=rank, tp_size=size, tp_group=dist.group.WORLD)
+    expert = config.expert_parallel_size  # 1, or size: the MoE experts split over the same ranks
+    return control, ParallelState(
+        tp_rank=rank,
+        tp_size=size,
+        tp_group=dist.group.WORLD,
+        ep_rank=rank if expert > 1 else 0,
+        ep_size=expert,
+        ep_group=dist.group.WORLD if expert > 1 else None,
+    )
 
 
 def _build_runner(config: EngineConfig, state: ParallelState, control: Any) -> ModelRunner:

@@ -30,6 +30,10 @@ converts the stacks once and re-points the views, instead of copying every exper
 holds ``gate_up_weight [E, 2I/tp, H]`` and ``down_weight [E, H, I/tp]``, the router is replicated (every
 rank routes every token alike), each rank's experts produce partial sums and the block ends with one
 all-reduce. At one rank the all-reduce is a no-op and the computation is unchanged.
+
+**Expert parallelism** (``ParallelState.ep_size`` > 1, ``diffulex.layers.expert_parallel``) holds whole
+experts instead, ``num_experts / ep_size`` per rank, and sends the tokens to them with all-to-all; the
+block still ends with its one all-reduce.
 """
 
 from __future__ import annotations
@@ -40,8 +44,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from diffulex.layers.expert_parallel import (
+    AbsentExpert,
+    dispatch_to_experts,
+    expert_build_state,
+    local_experts,
+)
 from diffulex.layers.linear import Linear, batch_invariant_linear
-from diffulex.layers.parallel_state import all_reduce, divide, get_parallel_state
+from diffulex.layers.parallel_state import all_reduce, divide, get_parallel_state, using_parallel_state
 from diffulex.layers.qwen_blocks import SwiGLUMLP
 
 
@@ -65,25 +75,30 @@ class StackedExperts(nn.ModuleList):
     [E, 2I, H]`` and ``down_weight [E, H, I]`` (see the module docstring): one copy serves both paths."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        state = get_parallel_state()
+        local = local_experts(num_experts, state)  # all of them, unless expert-parallel
         # The experts' own parameters are replaced by views at once: build them without memory.
-        with torch.device("meta"):
-            experts = [ExpertMLP(hidden_size, intermediate_size) for _ in range(num_experts)]
-        super().__init__(experts)
-        # This tensor-parallel rank's slice of each expert's intermediate dimension.
-        intermediate_size = divide(intermediate_size, get_parallel_state().tp_size, "moe_intermediate_size")
+        with torch.device("meta"), using_parallel_state(expert_build_state(state)):
+            experts = [ExpertMLP(hidden_size, intermediate_size) for _ in local]
+        absent = [AbsentExpert() for _ in range(num_experts - len(local))]  # other ranks' experts
+        super().__init__(absent[: local.start] + experts + absent[local.start :])
+        self.local_experts, self.expert_parallel = local, state if state.ep_size > 1 else None
+        # This tensor-parallel rank's slice of each expert's intermediate dimension (whole under EP).
+        if self.expert_parallel is None:
+            intermediate_size = divide(intermediate_size, state.tp_size, "moe_intermediate_size")
         # Uninitialised on purpose, like every parameter: the checkpoint overwrites them (through the views).
         self.register_buffer(
-            "gate_up_weight", torch.empty(num_experts, 2 * intermediate_size, hidden_size), persistent=False
+            "gate_up_weight", torch.empty(len(local), 2 * intermediate_size, hidden_size), persistent=False
         )
         self.register_buffer(
-            "down_weight", torch.empty(num_experts, hidden_size, intermediate_size), persistent=False
+            "down_weight", torch.empty(len(local), hidden_size, intermediate_size), persistent=False
         )
         self._point_experts_at_stacks()
 
     def _point_experts_at_stacks(self) -> None:
         """Make each expert's weight parameters views of its slice of the stacked buffers."""
-        for index, expert in enumerate(self):
-            gate_up, down = expert.gate_up_proj, expert.down_proj
+        for index, expert_id in enumerate(self.local_experts):
+            gate_up, down = self[expert_id].gate_up_proj, self[expert_id].down_proj
             gate_up.weight = nn.Parameter(
                 self.gate_up_weight[index], requires_grad=gate_up.weight.requires_grad
             )
@@ -94,6 +109,9 @@ class StackedExperts(nn.ModuleList):
         # allocate a second, per-expert copy of every weight.
         super()._apply(fn, recurse=False)
         self._point_experts_at_stacks()
+        for expert in self:  # other ranks' placeholders (expert parallelism): their empty parameters
+            if isinstance(expert, AbsentExpert):
+                expert._apply(fn, recurse)
         return self
 
     def grouped_forward(
@@ -120,10 +138,24 @@ class StackedExperts(nn.ModuleList):
 
         return fused_moe_triton(hidden, weights, expert_ids, self.gate_up_weight, self.down_weight)
 
+    def dispatch(
+        self,
+        hidden: torch.Tensor,
+        route: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        sum_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Expert parallelism: this rank's slice of the tokens through every rank's experts (all-to-all),
+        zeros for the other rows; ``sum_dtype`` as ``grouped_forward``. The caller all-reduces."""
+        local = self.local_experts
+        return dispatch_to_experts(
+            hidden, route, self, local.start, len(local), sum_dtype, self.expert_parallel
+        )
+
     @property
     def fused_ready(self) -> bool:
-        """Whether the stacked weights sit where the fused kernels run (a CUDA device, triton present)."""
-        return self.gate_up_weight.is_cuda and _HAS_TRITON
+        """Whether the stacked weights sit where the fused kernels run (a CUDA device, triton present);
+        never under expert parallelism (its dispatch needs host-side sizes and runs the grouped path)."""
+        return self.gate_up_weight.is_cuda and _HAS_TRITON and self.expert_parallel is None
 
 
 class SparseMoeBlock(nn.Module):
@@ -163,6 +195,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [T, hidden]`` -> ``[T, hidden]``: the routing-weighted sum of each token's experts."""
+        if self.experts.expert_parallel is not None:
+            return all_reduce(self.experts.dispatch(hidden, self.route, hidden.dtype), self.parallel)
         weights, expert_ids = self.route(hidden)
         if use_fused_moe(hidden):
             return all_reduce(self.experts.fused_forward(hidden, weights, expert_ids), self.parallel)
@@ -264,11 +298,12 @@ class GroupedSigmoidMoeBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [T, hidden]`` -> routed experts (fp32 sum, cast) plus the shared expert."""
-        weights, expert_ids = self.gate(hidden)
-        if use_fused_moe(hidden):
-            out = self.experts.fused_forward(hidden, weights, expert_ids)
+        if self.experts.expert_parallel is not None:  # routed inside, for this rank's slice of the tokens
+            out = self.experts.dispatch(hidden, self.gate, torch.float32).to(hidden.dtype)
+        elif use_fused_moe(hidden):
+            out = self.experts.fused_forward(hidden, *self.gate(hidden))
         else:
-            out = self.experts.grouped_forward(hidden, weights, expert_ids, torch.float32).to(hidden.dtype)
+            out = self.experts.grouped_forward(hidden, *self.gate(hidden), torch.float32).to(hidden.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         return all_reduce(out, self.parallel)  # partial sums of this rank's intermediate slices

@@ -6,7 +6,8 @@ process group the layers reduce over. It defaults to a single rank: then every h
 parallelism existed. The engine (``diffulex.engine.tp_workers``) sets it before the model is built,
 because the parallel layers read it in their constructors to decide which slice of each weight they own.
 
-Room is left for expert parallelism: an ``ep_*`` triple would sit beside the ``tp_*`` one.
+Expert parallelism sits beside it: ``ep_rank``/``ep_size``/``ep_group`` (``diffulex.layers.expert_parallel``);
+it runs over the tensor-parallel ranks, so ``ep_size`` is 1 or ``tp_size``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class ParallelState:
     tp_rank: int = 0
     tp_size: int = 1
     tp_group: Any = None
+    # Expert parallelism (size 1 or tp_size, over the same ranks): the MoE blocks hold whole experts,
+    # ``num_experts / ep_size`` each, and exchange tokens over ``ep_group`` (None at size 1).
+    ep_rank: int = 0
+    ep_size: int = 1
+    ep_group: Any = None
 
     @property
     def is_driver(self) -> bool:
@@ -47,6 +53,11 @@ def set_parallel_state(state: ParallelState) -> None:
     global _STATE
     if not 0 <= state.tp_rank < state.tp_size:
         raise ValueError(f"tp_rank {state.tp_rank} is outside [0, tp_size={state.tp_size})")
+    if state.ep_size not in (1, state.tp_size) or not 0 <= state.ep_rank < state.ep_size:
+        raise ValueError(
+            f"ep_rank {state.ep_rank} of ep_size {state.ep_size}: expert parallelism runs over the "
+            f"tensor-parallel ranks (ep_size 1 or tp_size={state.tp_size})"
+        )
     _STATE = state
 
 
