@@ -20,11 +20,9 @@ import pytest
 from diffulex.server.app import create_app
 from diffulex.server.replica_client import DataParallelClient
 from fastapi import FastAPI
-from typer.testing import CliRunner
 
 from diffulex import SamplingParams
-from diffulex.cli import app as cli_app
-from diffulex.config import ConfigError, load_engine_config, load_serve_config
+from diffulex.config import load_engine_config
 from diffulex.llm import LLM
 
 OPTIONS = {
@@ -96,21 +94,6 @@ async def generate(client: DataParallelClient, prompt: list[int], max_tokens: in
 
 
 # ----- config and CLI (no processes) -------------------------------------------------------------------
-def test_data_parallel_size_is_an_engine_option(tiny_sdar: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert load_engine_config(model="m").data_parallel_size == 1
-    with pytest.raises(ConfigError, match="data_parallel_size"):
-        load_engine_config(model="m", data_parallel_size=0)
-    engine, _ = load_serve_config(model="m", overrides={"data_parallel_size": 2})
-    assert engine.data_parallel_size == 2
-
-    launched = []
-    monkeypatch.setattr("diffulex.server.app.build_and_run", lambda e, s: launched.append(e))
-    for args in (["--data-parallel-size", "3"], ["--set", "data_parallel_size=3"]):
-        result = CliRunner().invoke(cli_app, ["serve", "--model", str(tiny_sdar), *args])
-        assert result.exit_code == 0, result.output
-    assert [config.data_parallel_size for config in launched] == [3, 3]
-
-
 def test_a_replica_that_cannot_build_its_engine_stops_the_launch(tiny_sdar: Path) -> None:
     config = load_engine_config(model=str(tiny_sdar), data_parallel_size=2, **{**OPTIONS, "strategy": "nope"})
     with pytest.raises(RuntimeError, match=r"replica 0 failed to start: .*nope"):

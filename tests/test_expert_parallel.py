@@ -11,15 +11,11 @@ and logits within float32 tolerance.
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing
-import traceback
 from collections.abc import Callable
 
 import pytest
 import torch
 
-from diffulex import SamplingParams
 from diffulex.config import ConfigError, load_engine_config
 from diffulex.engine.engine import Engine
 from diffulex.engine.tp_workers import TensorParallelRunner
@@ -30,6 +26,7 @@ from diffulex.layers.parallel_state import ParallelState, reset_parallel_state, 
 from diffulex.llm import LLM
 from diffulex.models.registry import load_mapped_weights
 from diffulex.models.tiny_checkpoint import write_tiny_checkpoint
+from tests.parallel_helpers import CPU_OPTIONS, PARAMS, prompts, run_engine, run_on_gloo_ranks
 
 WORLD = 2
 HIDDEN = 16
@@ -98,47 +95,8 @@ def _check_all(rank: int) -> None:
     reset_parallel_state()
 
 
-def _rank_main(rank: int, port: int, results) -> None:
-    import torch.distributed as dist
-
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=datetime.timedelta(seconds=60),
-        )
-        _check_all(rank)
-        results.put((rank, None))
-    except BaseException:
-        results.put((rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def test_expert_parallel_blocks_at_two_ranks_equal_one_rank() -> None:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    processes = [context.Process(target=_rank_main, args=(rank, port, results)) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    try:
-        reports = dict(results.get(timeout=120) for _ in range(WORLD))
-    finally:
-        for process in processes:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-    failures = {rank: error for rank, error in reports.items() if error is not None}
-    assert not failures, "\n".join(f"rank {rank}:\n{error}" for rank, error in failures.items())
+    run_on_gloo_ranks(_check_all, WORLD)
 
 
 def test_sizes_are_checked() -> None:
@@ -160,31 +118,7 @@ def test_sizes_are_checked() -> None:
 
 
 # ----- engine level --------------------------------------------------------------------------------------
-OPTIONS = {
-    "device": "cpu",
-    "dtype": "float32",
-    "block_size": 4,
-    "page_size": 4,
-    "num_kv_pages": 512,
-    "max_model_len": 512,
-    "distributed_timeout_s": 60,
-}
-PARAMS = SamplingParams(max_tokens=16, ignore_eos=True)
 CASES = {"llada2_moe": ("block_diffusion", "d2f"), "sdar_moe": ("block_diffusion",)}
-
-
-def _prompts() -> list[list[int]]:
-    return [[1 + (i * 7 + j * 13) % 90 for j in range(1 + 3 * i)] for i in range(5)]
-
-
-def _run(engine: Engine, batch: list[list[int]]) -> list[list[int]]:
-    ids = [engine.add_request(prompt, PARAMS) for prompt in batch]
-    done = {}
-    while engine.has_unfinished():
-        for output in engine.step():
-            done[output.request_id] = output
-    assert all(done[i].finish_reason == "length" for i in ids), [done[i].error for i in ids]
-    return [done[i].token_ids for i in ids]
 
 
 @pytest.mark.parametrize("family", list(CASES))
@@ -193,20 +127,20 @@ def test_expert_parallel_greedy_outputs_equal_one_rank(
 ) -> None:
     path = write_tiny_checkpoint(family, tmp_path_factory.mktemp("ep") / family, seed=7)
     parallel = {"tensor_parallel_size": 2, "expert_parallel_size": 2}
-    runner = TensorParallelRunner(load_engine_config(model=str(path), **parallel, **OPTIONS))
+    runner = TensorParallelRunner(load_engine_config(model=str(path), **parallel, **CPU_OPTIONS))
     try:
         experts = next(m for m in runner.runner.model.modules() if hasattr(m, "local_experts"))
         assert len(experts.local_experts) == len(experts) // 2  # rank 0 holds half the experts
         for strategy in CASES[family]:
-            reference = make_llm(path, strategy=strategy, **OPTIONS)
-            config = load_engine_config(model=str(path), strategy=strategy, **parallel, **OPTIONS)
+            reference = make_llm(path, strategy=strategy, **CPU_OPTIONS)
+            config = load_engine_config(model=str(path), strategy=strategy, **parallel, **CPU_OPTIONS)
             engine = Engine(config, runner=runner)  # type: ignore[arg-type]
-            for batch in (_prompts(), _prompts()[-1:]):
+            for batch in (prompts(), prompts()[-1:]):
                 expected = [output.token_ids for output in reference.generate(batch, PARAMS)]
-                assert _run(engine, batch) == expected, strategy
+                assert run_engine(engine, batch) == expected, strategy
             assert engine.kv_cache.is_whole()
             assert engine.unhealthy_reason() is None
-        tokens = _prompts()[4]
+        tokens = prompts()[4]
         block_ids = [position // 4 for position in range(len(tokens))]
         expected_logits = reference.engine.runner.full_logits(tokens, block_ids)
         torch.testing.assert_close(
@@ -235,5 +169,5 @@ def test_flag_and_experts_that_do_not_split(tmp_path, monkeypatch: pytest.Monkey
         match=r"rank 0 failed to start: .*num_experts=3 is not divisible by expert_parallel_size=2",
     ):
         TensorParallelRunner(
-            load_engine_config(model=str(odd), tensor_parallel_size=2, expert_parallel_size=2, **OPTIONS)
+            load_engine_config(model=str(odd), tensor_parallel_size=2, expert_parallel_size=2, **CPU_OPTIONS)
         )

@@ -22,16 +22,9 @@ from diffulex.engine.engine import Engine
 from diffulex.engine.tp_workers import TensorParallelRunner
 from diffulex.llm import LLM
 from diffulex.models.tiny_checkpoint import write_tiny_checkpoint
+from tests.parallel_helpers import CPU_OPTIONS, PARAMS, prompts, run_engine
 
-OPTIONS = {
-    "device": "cpu",
-    "dtype": "float32",
-    "block_size": 4,
-    "page_size": 4,
-    "num_kv_pages": 512,
-    "max_model_len": 512,
-    "distributed_timeout_s": 60,
-}
+OPTIONS = CPU_OPTIONS
 # family, checkpoint overrides, the strategies compared
 CASES = {
     "llada-dense": ("llada", {}, ("vanilla", "fast_dllm")),
@@ -42,12 +35,6 @@ CASES = {
         ("block_diffusion",),
     ),
 }
-PARAMS = SamplingParams(max_tokens=16, ignore_eos=True)
-
-
-def prompts() -> list[list[int]]:
-    """Five prompts of different lengths (ids below the tiny vocabularies' special tokens)."""
-    return [[1 + (i * 7 + j * 13) % 90 for j in range(1 + 3 * i)] for i in range(5)]
 
 
 @dataclass
@@ -67,16 +54,6 @@ def tp_case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     finally:
         runner.close()
     assert not any(process.is_alive() for process in runner.processes)
-
-
-def run_engine(engine: Engine, batch: list[list[int]]) -> list[list[int]]:
-    ids = [engine.add_request(prompt, PARAMS) for prompt in batch]
-    done = {}
-    while engine.has_unfinished():
-        for output in engine.step():
-            done[output.request_id] = output
-    assert all(done[i].finish_reason == "length" for i in ids), [done[i].error for i in ids]
-    return [done[i].token_ids for i in ids]
 
 
 def test_greedy_outputs_equal_one_rank(

@@ -24,19 +24,29 @@ from diffulex.models.tiny_checkpoint import write_tiny_checkpoint
 OPTIONS = {"device": "cpu", "dtype": "float32", "page_size": 4, "num_kv_pages": 256, "max_model_len": 512}
 
 
-def test_tensor_parallel_size_option_and_flag(tiny_sdar: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert load_engine_config(model="m").tensor_parallel_size == 1
-    with pytest.raises(ConfigError, match="tensor_parallel_size"):
-        load_engine_config(model="m", tensor_parallel_size=0)
-    engine, _ = load_serve_config(model="m", overrides={"tensor_parallel_size": 2})
-    assert engine.tensor_parallel_size == 2
+@pytest.mark.parametrize(
+    "option, flag, value",
+    [
+        ("tensor_parallel_size", "--tensor-parallel-size", 2),
+        ("data_parallel_size", "--data-parallel-size", 3),
+    ],
+)
+def test_parallel_size_options_and_flags(
+    option: str, flag: str, value: int, tiny_sdar: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine option (default 1, checked), its ``--set`` override and its ``serve`` flag."""
+    assert getattr(load_engine_config(model="m"), option) == 1
+    with pytest.raises(ConfigError, match=option):
+        load_engine_config(model="m", **{option: 0})
+    engine, _ = load_serve_config(model="m", overrides={option: value})
+    assert getattr(engine, option) == value
 
     launched = []
     monkeypatch.setattr("diffulex.server.app.build_and_run", lambda e, s: launched.append(e))
-    for args in (["--tensor-parallel-size", "2"], ["--set", "tensor_parallel_size=2"]):
+    for args in ([flag, str(value)], ["--set", f"{option}={value}"]):
         result = CliRunner().invoke(cli_app, ["serve", "--model", str(tiny_sdar), *args])
         assert result.exit_code == 0, result.output
-    assert [config.tensor_parallel_size for config in launched] == [2, 2]
+    assert [getattr(config, option) for config in launched] == [value, value]
 
 
 def test_a_model_that_does_not_split_stops_the_launch_with_its_value(tiny_llada: Path) -> None:

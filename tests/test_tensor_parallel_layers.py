@@ -8,10 +8,6 @@ equal the whole layer's, or its slice of it, to float32 tolerance.
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing
-import traceback
-
 import pytest
 import torch
 from torch import nn
@@ -33,6 +29,7 @@ from diffulex.layers.parallel_state import (
 from diffulex.layers.qwen_blocks import SwiGLUMLP
 from diffulex.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from diffulex.models.registry import load_mapped_weights
+from tests.parallel_helpers import run_on_gloo_ranks
 
 WORLD = 2
 HIDDEN = 16
@@ -100,47 +97,8 @@ def _check_all(rank: int) -> None:
     torch.testing.assert_close(shard(x), whole(x), **TOLERANCE)
 
 
-def _rank_main(rank: int, port: int, results) -> None:
-    import torch.distributed as dist
-
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=datetime.timedelta(seconds=60),
-        )
-        _check_all(rank)
-        results.put((rank, None))
-    except BaseException:
-        results.put((rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def test_parallel_layers_at_two_ranks_equal_one_rank() -> None:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    processes = [context.Process(target=_rank_main, args=(rank, port, results)) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    try:
-        reports = dict(results.get(timeout=120) for _ in range(WORLD))
-    finally:
-        for process in processes:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-    failures = {rank: error for rank, error in reports.items() if error is not None}
-    assert not failures, "\n".join(f"rank {rank}:\n{error}" for rank, error in failures.items())
+    run_on_gloo_ranks(_check_all, WORLD)
 
 
 def test_head_and_size_splits_name_the_model_value() -> None:
