@@ -109,16 +109,24 @@ def choose_gen_length(rng: random.Random) -> int:
     return rng.choices(GEN_LENGTHS, weights=GEN_WEIGHTS)[0]
 
 
-def _sample_rows(
-    rows: TokenizedRows, batch_size: int, generator: torch.Generator, gen_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices and their clean tokens ``x0``, cut to the longest prompt plus ``gen_len`` (and a block
-    of slack for SDAR's region end), rounded up to a multiple of 16."""
+@dataclass
+class _Sampled:
+    """The rows a batch draws: clean tokens ``x0 [B, L]``, positions ``[B, L]``, prompt lengths ``[B, 1]``."""
+
+    x0: torch.Tensor
+    positions: torch.Tensor
+    prompt_lens: torch.Tensor
+
+
+def _sample_rows(rows: TokenizedRows, batch_size: int, generator: torch.Generator, gen_len: int) -> _Sampled:
+    """Random rows, cut to the longest prompt plus ``gen_len`` (and a block of slack for SDAR's region
+    end), rounded up to a multiple of 16, with their positions and prompt lengths."""
     if gen_len not in GEN_LENGTHS:
         raise ValueError(f"gen_len must be one of {GEN_LENGTHS}, got {gen_len}")
     index = torch.randint(rows.sequences.shape[0], (batch_size,), generator=generator, device=rows.device)
     length = _round16(rows.max_prompt_len + gen_len + SDAR_BLOCK_SIZE)
-    return index, rows.sequences[index, :length]
+    positions = torch.arange(length, device=rows.device).expand(batch_size, length)
+    return _Sampled(rows.sequences[index, :length], positions, rows.prompt_lens[index].unsqueeze(1))
 
 
 def _mask_probability(t: torch.Tensor) -> torch.Tensor:
@@ -127,10 +135,9 @@ def _mask_probability(t: torch.Tensor) -> torch.Tensor:
 
 def llada_batch(rows: TokenizedRows, batch_size: int, generator: torch.Generator, gen_len: int) -> Batch:
     """Masked-diffusion SFT batch: bidirectional over ``prompt + region``, one t per row."""
-    index, x0 = _sample_rows(rows, batch_size, generator, gen_len)
+    sampled = _sample_rows(rows, batch_size, generator, gen_len)
+    x0, positions, prompt_lens = sampled.x0, sampled.positions, sampled.prompt_lens
     device, length = x0.device, x0.shape[1]
-    positions = torch.arange(length, device=device).expand(batch_size, length)
-    prompt_lens = rows.prompt_lens[index].unsqueeze(1)
     valid = positions < prompt_lens + gen_len
     response = (positions >= prompt_lens) & valid
     p_mask = _mask_probability(torch.rand(batch_size, 1, generator=generator, device=device))
@@ -172,10 +179,9 @@ def sdar_batch(
     block_size: int = SDAR_BLOCK_SIZE,
 ) -> Batch:
     """Block-diffusion batch: two streams, absolute blocks, one t per block."""
-    index, x0 = _sample_rows(rows, batch_size, generator, gen_len)
+    sampled = _sample_rows(rows, batch_size, generator, gen_len)
+    x0, positions, prompt_lens = sampled.x0, sampled.positions, sampled.prompt_lens
     device, length = x0.device, x0.shape[1]
-    positions = torch.arange(length, device=device).expand(batch_size, length)
-    prompt_lens = rows.prompt_lens[index].unsqueeze(1)
     region_end = (prompt_lens + gen_len + block_size - 1) // block_size * block_size
     valid = positions < region_end
     response = (positions >= prompt_lens) & valid
@@ -209,10 +215,9 @@ def d2f_batch(
     ``block_size`` follow it; one stream, block-causal (a block sees the prompt, earlier blocks and itself);
     mask ratios increase block by block (sorted t), as earlier blocks are further decoded when ``d2f`` or
     ``multi_bd`` denoise several blocks at once. Trains the attention pattern those strategies use."""
-    index, x0 = _sample_rows(rows, batch_size, generator, gen_len)
+    sampled = _sample_rows(rows, batch_size, generator, gen_len)
+    x0, positions, prompt_lens = sampled.x0, sampled.positions, sampled.prompt_lens
     device, length = x0.device, x0.shape[1]
-    positions = torch.arange(length, device=device).expand(batch_size, length)
-    prompt_lens = rows.prompt_lens[index].unsqueeze(1)
     valid = positions < prompt_lens + gen_len
     response = (positions >= prompt_lens) & valid
     blocks = torch.where(response, (positions - prompt_lens) // block_size + 1, 0)
