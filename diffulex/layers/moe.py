@@ -138,6 +138,22 @@ class StackedExperts(nn.ModuleList):
 
         return fused_moe_triton(hidden, weights, expert_ids, self.gate_up_weight, self.down_weight)
 
+    def routed(
+        self,
+        hidden: torch.Tensor,
+        route: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        sum_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """This rank's routed-expert sum in ``hidden``'s dtype, by the path that applies: the all-to-all
+        dispatch under expert parallelism, the fused kernels on CUDA, else the grouped reference (slots
+        summed in ``sum_dtype``, then cast). The caller adds any shared expert and all-reduces."""
+        if self.expert_parallel is not None:  # routed inside, for this rank's slice of the tokens
+            return self.dispatch(hidden, route, sum_dtype).to(hidden.dtype)
+        weights, expert_ids = route(hidden)
+        if use_fused_moe(hidden):
+            return self.fused_forward(hidden, weights, expert_ids)
+        return self.grouped_forward(hidden, weights, expert_ids, sum_dtype).to(hidden.dtype)
+
     def dispatch(
         self,
         hidden: torch.Tensor,
@@ -195,14 +211,7 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [T, hidden]`` -> ``[T, hidden]``: the routing-weighted sum of each token's experts."""
-        if self.experts.expert_parallel is not None:
-            return all_reduce(self.experts.dispatch(hidden, self.route, hidden.dtype), self.parallel)
-        weights, expert_ids = self.route(hidden)
-        if use_fused_moe(hidden):
-            return all_reduce(self.experts.fused_forward(hidden, weights, expert_ids), self.parallel)
-        return all_reduce(
-            self.experts.grouped_forward(hidden, weights, expert_ids, hidden.dtype), self.parallel
-        )
+        return all_reduce(self.experts.routed(hidden, self.route, hidden.dtype), self.parallel)
 
 
 class GroupLimitedSigmoidRouter(nn.Module):
@@ -298,12 +307,7 @@ class GroupedSigmoidMoeBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [T, hidden]`` -> routed experts (fp32 sum, cast) plus the shared expert."""
-        if self.experts.expert_parallel is not None:  # routed inside, for this rank's slice of the tokens
-            out = self.experts.dispatch(hidden, self.gate, torch.float32).to(hidden.dtype)
-        elif use_fused_moe(hidden):
-            out = self.experts.fused_forward(hidden, *self.gate(hidden))
-        else:
-            out = self.experts.grouped_forward(hidden, *self.gate(hidden), torch.float32).to(hidden.dtype)
+        out = self.experts.routed(hidden, self.gate, torch.float32)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         return all_reduce(out, self.parallel)  # partial sums of this rank's intermediate slices
