@@ -26,7 +26,6 @@ from diffulex.layers.attention import Attention
 from diffulex.layers.linear import MergedLinear, RowParallelLinear, UnmergedView, qkv_linear
 from diffulex.layers.norm import RMSNorm
 from diffulex.layers.parallel_state import split_heads
-from diffulex.layers.prefetch import join_prefetches, prefetch_weight
 from diffulex.layers.rotary import RotaryEmbedding
 from diffulex.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from diffulex.models.registry import (
@@ -109,7 +108,6 @@ class LLaDABlock(nn.Module):
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         query, key = self.rotary_emb(positions, query, key)
-        prefetch_weight(self.attn_out.weight)  # read while attention runs (latency-bound, HBM mostly idle)
         attended = self.attn(query, key, value).reshape(num_tokens, self.num_heads * self.head_dim)
         normed, residual = self.ff_norm(self.attn_out(attended), residual)
         return self.ff_out(silu_and_mul(*self.gate_up_proj(normed))), residual
@@ -139,7 +137,6 @@ class LLaDAModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
-        join_prefetches(hidden.device)
         if residual is None:
             return self.norm(hidden)
         return self.norm(hidden, residual)[0]
