@@ -25,7 +25,19 @@ from diffulex.quality.checkpoint import (
     write_checkpoint,
     write_tokenizer_files,
 )
-from diffulex.quality.tasks import MULTI_ANSWER_TASKS, README_DEMO_PROMPT, TASKS, Example, grade, make_suite
+from diffulex.quality.tasks import (
+    CAPITAL_OF_TEMPLATES,
+    CAPITAL_OF_TRAIN_TEMPLATES,
+    CAPITALS,
+    COUNTRY_OF_TEMPLATES,
+    COUNTRY_OF_TRAIN_TEMPLATES,
+    MULTI_ANSWER_TASKS,
+    README_DEMO_PROMPT,
+    TASKS,
+    Example,
+    grade,
+    make_suite,
+)
 from diffulex.quality.train_model import TinyDiffusionLM
 from diffulex.quality.training import BATCH_BUILDERS, diffusion_loss, tokenize_rows
 
@@ -67,6 +79,35 @@ def test_suite_answers_are_right_and_fit_the_generation() -> None:
             assert example.answers == (str(words[-1].count(words[2])),)
         elif example.task == "even_below":
             assert set(example.answers) == {str(n) for n in range(int(words[-1])) if n % 2 == 0}
+
+
+def _phrasings(templates: tuple[str, ...], key: str) -> dict[str, str]:
+    """Prompt -> template, over every fact."""
+    index = 0 if key == "country" else 1
+    return {template.format(**{key: fact[index]}): template for template in templates for fact in CAPITALS}
+
+
+def test_training_only_rows_extend_the_training_split_and_leave_the_test_split_alone() -> None:
+    """Extra phrasings of the capital facts and one-digit multiplications appear in training only: the test
+    still asks each fact under one of the four test phrasings (never trained with that fact) and only
+    two-digit by two-digit products."""
+    train, test = make_suite(0, train_per_task=3000)
+    for task, templates, extra, key in (
+        ("capital_of", CAPITAL_OF_TEMPLATES, CAPITAL_OF_TRAIN_TEMPLATES, "country"),
+        ("country_of", COUNTRY_OF_TEMPLATES, COUNTRY_OF_TRAIN_TEMPLATES, "capital"),
+    ):
+        tested = [e.prompt for e in test if e.task == task]
+        trained = {e.prompt for e in train if e.task == task}
+        assert len(tested) == len(CAPITALS) and set(tested) <= set(_phrasings(templates, key))
+        assert not trained & set(tested)
+        extra_prompts = _phrasings(extra, key)
+        assert {extra_prompts[p] for p in trained if p in extra_prompts} == set(extra)
+    products = [e.prompt.rstrip("?").split() for e in test if e.task == "multiplication"]
+    assert products and all(len(words[2]) == len(words[4]) == 2 for words in products)
+    one_digit = [
+        e for e in train if e.task == "multiplication" and "times" in e.prompt and len(e.prompt) < 20
+    ]
+    assert len(one_digit) > 0.1 * sum(e.task == "multiplication" for e in train)
 
 
 def test_grade_strips_whitespace_and_checks_membership() -> None:
@@ -173,6 +214,30 @@ def test_training_batches_match_the_engine_view(saved_pair) -> None:
             view = batch.targets[row, :start].tolist() + noisy[row, start:end].tolist()
             expected = llm.forward_logits(view)[start:end]
             torch.testing.assert_close(logits[row, start:end], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llada", "sdar"])
+def test_tokenize_rows_equals_tokenizing_each_row(family: str, tmp_path: Path) -> None:
+    """Rows are tokenized once per distinct string: the result equals the row-by-row tokenization of
+    ``[chat prompt | answer, end-of-turn, <|endoftext|> ...]``, repeats and multi-answer rows included."""
+    tokenizer = load_tokenizer(write_tokenizer_files(family, tmp_path / family))
+    examples, _ = make_suite(0, train_per_task=20)
+    examples += examples[:30]
+    rows = tokenize_rows(examples, tokenizer, family, 103, seed=5)
+    again = tokenize_rows(examples, tokenizer, family, 103, seed=5)
+    assert torch.equal(rows.sequences, again.sequences)
+    chosen = 0
+    for row, example in enumerate(examples):
+        prompt = encode_prompts(tokenizer, [example.prompt])[0]
+        length = int(rows.prompt_lens[row])
+        assert rows.sequences[row, :length].tolist() == prompt
+        answer_ids = rows.sequences[row, length:]
+        candidates = [
+            response_ids(family, tokenizer, answer, answer_ids.numel()) for answer in example.answers
+        ]
+        assert answer_ids.tolist() in candidates
+        chosen += len(example.answers) > 1
+    assert chosen and rows.max_prompt_len == int(rows.prompt_lens.max())
 
 
 def test_d2f_batches_follow_the_pipelined_block_layout(tmp_path: Path) -> None:

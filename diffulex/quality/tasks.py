@@ -83,6 +83,27 @@ COUNTRY_OF_TEMPLATES = (
     "Name the country whose capital is {capital}.",
     "Of which country is {capital} the capital?",
 )
+# Training-only phrasings: the test asks each fact under one of the templates above that was never trained
+# with that fact; more phrasings per fact in training teach the model that the wording does not matter.
+CAPITAL_OF_TRAIN_TEMPLATES = (
+    "Capital of {country}?",
+    "Tell me the capital of {country}.",
+    "{country} has which capital?",
+    "What city is the capital of {country}?",
+    "Give the capital city of {country}.",
+    "Which city is {country}'s capital?",
+)
+COUNTRY_OF_TRAIN_TEMPLATES = (
+    "{capital} is in which country?",
+    "Which country is {capital} in?",
+    "Tell me the country whose capital is {capital}.",
+    "Country with the capital {capital}?",
+    "What country has {capital} as its capital?",
+    "{capital} is the capital city of?",
+)
+# Share of multiplication training rows with a one-digit factor ("What is 47 times 6?"): partial products
+# the two-digit test pairs are built from (the test split only asks two digits by two digits).
+ONE_DIGIT_FACTOR_SHARE = 0.25
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -98,12 +119,18 @@ class Example:
 @dataclass(frozen=True)
 class Task:
     """A named prompt generator: ``sample(rng)`` draws one example; ``multi_answer`` tasks have several
-    valid answers. ``fixed_test`` (fact tasks) builds the test split itself instead of sampling it."""
+    valid answers. ``fixed_test`` (fact tasks) builds the test split itself instead of sampling it.
+    ``train_sample`` (default ``sample``) draws training rows: a superset of the test distribution
+    (extra phrasings, easier sub-problems) that never changes the test split."""
 
     name: str
     sample: Callable[[random.Random], Example]
     multi_answer: bool = False
     fixed_test: Callable[[random.Random], list[Example]] | None = None
+    train_sample: Callable[[random.Random], Example] | None = None
+
+    def sample_train(self, rng: random.Random) -> Example:
+        return (self.train_sample or self.sample)(rng)
 
 
 def _number(rng: random.Random, max_digits: int) -> int:
@@ -129,6 +156,15 @@ def _subtraction(rng: random.Random) -> Example:
 
 def _multiplication(rng: random.Random) -> Example:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return Example("multiplication", f"What is {a} times {b}?", (str(a * b),))
+
+
+def _multiplication_train(rng: random.Random) -> Example:
+    if rng.random() >= ONE_DIGIT_FACTOR_SHARE:
+        return _multiplication(rng)
+    a, b = rng.randint(10, 99), rng.randint(2, 9)
+    if rng.random() < 0.5:
+        a, b = b, a
     return Example("multiplication", f"What is {a} times {b}?", (str(a * b),))
 
 
@@ -162,6 +198,18 @@ def _capital_of(rng: random.Random) -> Example:
 def _country_of(rng: random.Random) -> Example:
     country, capital, _ = rng.choice(CAPITALS)
     return Example("country_of", rng.choice(COUNTRY_OF_TEMPLATES).format(capital=capital), (country,))
+
+
+def _capital_of_train(rng: random.Random) -> Example:
+    country, capital, _ = rng.choice(CAPITALS)
+    template = rng.choice(CAPITAL_OF_TEMPLATES + CAPITAL_OF_TRAIN_TEMPLATES)
+    return Example("capital_of", template.format(country=country), (capital,))
+
+
+def _country_of_train(rng: random.Random) -> Example:
+    country, capital, _ = rng.choice(CAPITALS)
+    template = rng.choice(COUNTRY_OF_TEMPLATES + COUNTRY_OF_TRAIN_TEMPLATES)
+    return Example("country_of", template.format(capital=capital), (country,))
 
 
 def _held_out_phrasings(task: str, templates: tuple[str, ...], key: int) -> Callable[[random.Random], list]:
@@ -210,16 +258,22 @@ TASKS: dict[str, Task] = {
     for task in (
         Task("addition", _addition),
         Task("subtraction", _subtraction),
-        Task("multiplication", _multiplication),
+        Task("multiplication", _multiplication, train_sample=_multiplication_train),
         Task("copy", _copy),
         Task("reverse", _reverse),
         Task("sort", _sort),
         Task("count", _count),
         Task(
-            "capital_of", _capital_of, fixed_test=_held_out_phrasings("capital_of", CAPITAL_OF_TEMPLATES, 0)
+            "capital_of",
+            _capital_of,
+            fixed_test=_held_out_phrasings("capital_of", CAPITAL_OF_TEMPLATES, 0),
+            train_sample=_capital_of_train,
         ),
         Task(
-            "country_of", _country_of, fixed_test=_held_out_phrasings("country_of", COUNTRY_OF_TEMPLATES, 1)
+            "country_of",
+            _country_of,
+            fixed_test=_held_out_phrasings("country_of", COUNTRY_OF_TEMPLATES, 1),
+            train_sample=_country_of_train,
         ),
         Task("any_capital", _any_capital, multi_answer=True),
         Task("any_country", _any_country, multi_answer=True),
@@ -273,7 +327,7 @@ def _train_split(task: Task, seed: int, per_task: int, test_prompts: set[str]) -
         attempts += 1
         if attempts > per_task * 100:
             raise ValueError(f"task {task.name!r}: too few training prompts outside the test split")
-        example = task.sample(rng)
+        example = task.sample_train(rng)
         if not task.multi_answer and example.prompt in test_prompts:
             continue  # single-answer tasks are tested only on prompts never trained on
         rows.append(example)

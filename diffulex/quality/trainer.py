@@ -39,7 +39,7 @@ class TrainOptions:
     weight_decay: float = 0.1
     seed: int = 0
     suite_seed: int = 0
-    train_per_task: int = 10_000
+    train_per_task: int = 100_000  # distinct rows matter: 10^4 per task let the arithmetic be memorised
     size: str = "default"
     device: str = "auto"
     log_every: int = 100
