@@ -59,6 +59,12 @@ def parse_args() -> argparse.Namespace:
         help="llada: share of batches in D2F's block-causal pipelined layout (for d2f/multi_bd decoding)",
     )
     parser.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.deterministic,
+        help="deterministic kernels only, so that the same command gives the same weights (default: on)",
+    )
+    parser.add_argument(
         "--eval-limit", type=int, default=100, help="test examples of the final check (0: skip)"
     )
     return parser.parse_args()
@@ -83,6 +89,7 @@ def main() -> None:
         time_limit_s=args.time_limit_s,
         time_budget_s=args.time_budget_s,
         d2f_fraction=args.d2f_fraction,
+        deterministic=args.deterministic,
     )
     result = train(options, log=lambda line: print(line, flush=True))
     print(

@@ -309,6 +309,32 @@ def test_time_budget_sets_the_schedule_during_the_warmup(tmp_path: Path, one_thr
     assert not result.stopped_early
 
 
+def test_deterministic_training_gives_the_same_weights_and_restores_the_mode(
+    tmp_path: Path, one_thread
+) -> None:
+    """The same options twice give byte-identical checkpoints; deterministic mode is on only during the run
+    (the engine evaluation after it runs in the caller's mode); a different seed changes the weights."""
+    from diffulex.quality.trainer import TrainOptions, train
+
+    examples = [Example("copy", "Repeat: ab", ("ab",)), Example("reverse", "Reverse: abc", ("cba",))]
+    seen: list[bool] = []
+
+    def log(line: str) -> None:
+        seen.append(torch.are_deterministic_algorithms_enabled())
+
+    checkpoints = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        options = TrainOptions(
+            "llada", str(tmp_path / name), steps=12, batch_size=4, size="toy", device="cpu"
+        )
+        options.seed, options.log_every = seed, 6
+        train(options, log=log, examples=examples)
+        checkpoints.append((tmp_path / name / "model.safetensors").read_bytes())
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert seen and all(seen)
+    assert checkpoints[0] == checkpoints[1] != checkpoints[2]
+
+
 # ----- scripts end to end ---------------------------------------------------------------------------------
 def _run(script: str, *args: str) -> str:
     # One thread: the toy model gains nothing from two, and OpenMP threads spin badly on a busy machine.
@@ -383,6 +409,21 @@ def test_training_runs_on_cuda_with_bf16_autocast(family: str, tmp_path: Path) -
     llm = LLM(str(tmp_path), device="cuda", max_model_len=256)
     [output] = llm.generate(encode_prompts(llm.tokenizer, [README_DEMO_PROMPT]))
     assert output.finish_reason in ("stop", "length") and output.num_forwards > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llada", "sdar"])
+def test_training_on_cuda_is_deterministic(family: str, tmp_path: Path) -> None:
+    """The default size on the GPU, twice with the same options: byte-identical checkpoints."""
+    from diffulex.quality.trainer import TrainOptions, train
+
+    checkpoints = []
+    for name in ("a", "b"):
+        options = TrainOptions(family, str(tmp_path / name), steps=20, batch_size=64, train_per_task=200)
+        train(options, log=lambda line: None)
+        checkpoints.append((tmp_path / name / "model.safetensors").read_bytes())
+    assert checkpoints[0] == checkpoints[1]
 
 
 def test_diffusion_loss_equals_the_mean_over_masked_positions(tmp_path: Path) -> None:

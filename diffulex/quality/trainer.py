@@ -1,17 +1,22 @@
 """The training loop of the bundled tiny models: AdamW, warmup + cosine schedule, fixed step count.
 
-Seeded and deterministic for a fixed device: the suite, the tokenized rows, the initial weights and every
-batch (one ``torch.Generator`` on the device) follow from the seeds. On CUDA the forward runs under
-bf16 autocast with float32 master weights; the checkpoint is saved in bf16 (``write_checkpoint``).
+Seeded: the suite, the tokenized rows, the initial weights and every batch (one ``torch.Generator`` on the
+device) follow from the seeds. With ``deterministic`` (the default) the run also uses only deterministic
+kernels (``torch.use_deterministic_algorithms``, cuBLAS with a fixed workspace): on the GPU the
+attention backward otherwise splits keys across blocks that add into the same gradients in whatever
+order they finish, and two runs of the same command drift apart. On CUDA the forward runs under bf16
+autocast with float32 master weights; the checkpoint is saved in bf16 (``write_checkpoint``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import platform
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +51,7 @@ class TrainOptions:
     time_limit_s: float | None = None  # safety stop: saves what it has (the schedule is cut short)
     time_budget_s: float | None = None  # size the schedule to this time (steps = the cap), see train()
     d2f_fraction: float = 0.0  # LLaDA only: share of batches in D2F's block-causal layout
+    deterministic: bool = True  # deterministic kernels only: the same command gives the same weights
 
 
 @dataclass
@@ -112,6 +118,26 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# cuBLAS reproducibility needs a fixed workspace configuration (read when its handle is created).
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Use only deterministic kernels inside the block (an op without one raises), then restore the
+    previous setting, so that the engine run after training is unaffected."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def train(options: TrainOptions, log: Log = print, examples: list[Example] | None = None) -> TrainResult:
     """Train ``options.family`` on the task suite (or on ``examples``, e.g. to overfit a handful in a
     test) and write the checkpoint to ``options.out_dir``.
@@ -120,6 +146,11 @@ def train(options: TrainOptions, log: Log = print, examples: list[Example] | Non
     warmup, to the steps that fit the budget (``options.steps`` is then the cap). The run is recorded with
     that total: the same options with ``steps`` = it and no budget give the same schedule and batches.
     """
+    with deterministic_algorithms(options.deterministic):
+        return _train(options, log, examples)
+
+
+def _train(options: TrainOptions, log: Log, examples: list[Example] | None) -> TrainResult:
     device = resolve_device(options.device)
     torch.manual_seed(options.seed)
     config = model_config(options.family, options.size)
@@ -221,6 +252,7 @@ __all__ = [
     "TrainResult",
     "WarmupCosine",
     "build_optimizer",
+    "deterministic_algorithms",
     "resolve_device",
     "steps_for_budget",
     "train",
