@@ -31,8 +31,9 @@ them to another value is refused.
 LLaDA2-mini shape (inclusionAI/LLaDA2.0-mini, as in docs/models.md): hidden 2048, 20 layers (the first
 dense, ``first_k_dense_replace`` 1), 16 query / 4 KV heads of head_dim 128, 256 experts of intermediate
 512, top-8 from 4 of 8 groups, 1 shared expert, vocab 157184, qk-norm, partial rotary 0.5, rope_theta
-600000. The dense first layer's ``intermediate_size`` 5120 is Ling-mini-2.0's value, not checked against
-the published config.json here. Each rank of a TP launch loads the checkpoint from the folder (as
+600000. The dense first layer's ``intermediate_size`` 5120: the value (with all of the above) in the
+``llada2_moe`` configs that two independent public loaders test against; the published config.json itself
+could not be read here. Each rank of a TP launch loads the checkpoint from the folder (as
 ``LLM(path, tensor_parallel_size=N)`` does), so the folder must hold ~16 GB (dense) + ~33 GB (MoE):
 ``--workdir`` picks where (default: the system temp folder); a folder already holding a checkpoint of the
 same shape is reused (``--keep`` leaves them for the next call).
