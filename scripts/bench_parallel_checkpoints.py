@@ -32,7 +32,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import LLADA_8B  # noqa: E402
 
-from diffulex.models.tiny_checkpoint import _CONFIGS, _TENSOR_SHAPES, special_token_ids  # noqa: E402
+from diffulex.models.tiny_checkpoint import special_token_ids  # noqa: E402
+from diffulex.models.tiny_layouts import _CONFIGS, _TENSOR_SHAPES  # noqa: E402
 
 LLADA2_MINI = {
     "hidden_size": 2048,
@@ -80,7 +81,7 @@ BLOCK = 32
 
 # ----- checkpoints -------------------------------------------------------------------------------------------
 def model_configs(smoke: bool) -> dict[str, dict[str, Any]]:
-    """``{"dense": config.json, "moe": config.json}``: tiny_checkpoint's official field sets, full sizes."""
+    """``{"dense": config.json, "moe": config.json}``: tiny_layouts' official field sets, full sizes."""
     dense = _CONFIGS["llada"](special_token_ids("llada")) | LLADA_8B | {"torch_dtype": "bfloat16"}
     moe = _CONFIGS["llada2_moe"](special_token_ids("llada2_moe")) | LLADA2_MINI
     if smoke:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from diffulex.llm import LLM
-from diffulex.models.tiny_checkpoint import _llada_tensor_shapes, _sdar_tensor_shapes
+from diffulex.models.tiny_layouts import _llada_tensor_shapes, _sdar_tensor_shapes
 from diffulex.quality.checkpoint import (
     SDAR_BLOCK_SIZE,
     chat_prompt_renderer,

@@ -3,6 +3,7 @@
 The checkpoints are the families' official layouts, only small: LLaDA (``LLaDAModelLM``, bidirectional)
 and SDAR (``SDARForCausalLM``, Qwen3 layout, block-causal, block size 4). Config fields, special tokens,
 ``generation_config.json`` and the character-level tokenizer with its chat template come from
+``diffulex.models.tiny_layouts`` (config fields, ``generation_config.json``) and
 ``diffulex.models.tiny_checkpoint`` (the same builders as the random test checkpoints); this module only
 sets the sizes and says how a question and its answer become token ids, for training and evaluation
 alike:
@@ -26,14 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from diffulex.models.tiny_checkpoint import (
-    CHARACTERS,
-    _generation_config,
-    _llada_config,
-    _sdar_config,
-    _write_tokenizer,
-    special_token_ids,
-)
+from diffulex.models.tiny_checkpoint import CHARACTERS, _write_tokenizer, special_token_ids
+from diffulex.models.tiny_layouts import _generation_config, _llada_config, _sdar_config
 
 FAMILIES = ("llada", "sdar")
 END_OF_TURN = {"llada": "<|eot_id|>", "sdar": "<|im_end|>"}
