@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from diffulex import SamplingParams
-from scripts.bench_gpu import LLADA_8B, build_model, make_engine
+
+# `python scripts/profile_gpu.py` puts scripts/ (not the repository root) on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import LLADA_8B, build_model, make_engine  # noqa: E402
 
 # Kernel-name fragments of each kind, first match wins (cuBLAS/CUTLASS GEMM names vary by version).
 CATEGORIES = {
