@@ -102,12 +102,15 @@ def test_training_only_rows_extend_the_training_split_and_leave_the_test_split_a
         assert not trained & set(tested)
         extra_prompts = _phrasings(extra, key)
         assert {extra_prompts[p] for p in trained if p in extra_prompts} == set(extra)
-    products = [e.prompt.rstrip("?").split() for e in test if e.task == "multiplication"]
-    assert products and all(len(words[2]) == len(words[4]) == 2 for words in products)
-    one_digit = [
-        e for e in train if e.task == "multiplication" and "times" in e.prompt and len(e.prompt) < 20
-    ]
-    assert len(one_digit) > 0.1 * sum(e.task == "multiplication" for e in train)
+
+    def factor_digits(examples: list[Example]) -> list[tuple[int, int]]:
+        products = [e.prompt.rstrip("?").split() for e in examples if e.task == "multiplication"]
+        return [(len(words[2]), len(words[4])) for words in products]
+
+    assert set(factor_digits(test)) == {(2, 2)}
+    trained = factor_digits(train)
+    one_digit = [digits for digits in trained if 1 in digits]
+    assert len(one_digit) > 0.1 * len(trained)
 
 
 def test_grade_strips_whitespace_and_checks_membership() -> None:
@@ -325,9 +328,15 @@ def test_deterministic_training_gives_the_same_weights_and_restores_the_mode(
     checkpoints = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         options = TrainOptions(
-            "llada", str(tmp_path / name), steps=12, batch_size=4, size="toy", device="cpu"
+            "llada",
+            str(tmp_path / name),
+            steps=12,
+            batch_size=4,
+            seed=seed,
+            size="toy",
+            device="cpu",
+            log_every=6,
         )
-        options.seed, options.log_every = seed, 6
         train(options, log=log, examples=examples)
         checkpoints.append((tmp_path / name / "model.safetensors").read_bytes())
         assert not torch.are_deterministic_algorithms_enabled()

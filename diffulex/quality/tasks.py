@@ -190,26 +190,20 @@ def _count(rng: random.Random) -> Example:
     return Example("count", f"How many {letter} in {word}?", (str(word.count(letter)),))
 
 
-def _capital_of(rng: random.Random) -> Example:
-    country, capital, _ = rng.choice(CAPITALS)
-    return Example("capital_of", rng.choice(CAPITAL_OF_TEMPLATES).format(country=country), (capital,))
+def _fact_example(task: str, template: str, fact: tuple[str, str, str], key: int) -> Example:
+    """``fact`` asked under ``template``: ``key`` 0 names the country and wants its capital, 1 the reverse."""
+    country, capital, _ = fact
+    return Example(task, template.format(country=country, capital=capital), (fact[1 - key],))
 
 
-def _country_of(rng: random.Random) -> Example:
-    country, capital, _ = rng.choice(CAPITALS)
-    return Example("country_of", rng.choice(COUNTRY_OF_TEMPLATES).format(capital=capital), (country,))
+def _fact_question(task: str, templates: tuple[str, ...], key: int) -> Callable[[random.Random], Example]:
+    """Sampler of a fact task: a random fact under a random one of ``templates``."""
 
+    def sample(rng: random.Random) -> Example:
+        fact = rng.choice(CAPITALS)
+        return _fact_example(task, rng.choice(templates), fact, key)
 
-def _capital_of_train(rng: random.Random) -> Example:
-    country, capital, _ = rng.choice(CAPITALS)
-    template = rng.choice(CAPITAL_OF_TEMPLATES + CAPITAL_OF_TRAIN_TEMPLATES)
-    return Example("capital_of", template.format(country=country), (capital,))
-
-
-def _country_of_train(rng: random.Random) -> Example:
-    country, capital, _ = rng.choice(CAPITALS)
-    template = rng.choice(COUNTRY_OF_TEMPLATES + COUNTRY_OF_TRAIN_TEMPLATES)
-    return Example("country_of", template.format(capital=capital), (country,))
+    return sample
 
 
 def _held_out_phrasings(task: str, templates: tuple[str, ...], key: int) -> Callable[[random.Random], list]:
@@ -217,12 +211,7 @@ def _held_out_phrasings(task: str, templates: tuple[str, ...], key: int) -> Call
     (the fact is trained under the others, the phrasing with other facts)."""
 
     def build(rng: random.Random) -> list[Example]:
-        examples = []
-        for fact in CAPITALS:
-            template = rng.choice(templates)
-            subject = {"country": fact[0], "capital": fact[1]}
-            examples.append(Example(task, template.format(**subject), (fact[1 - key],)))
-        return examples
+        return [_fact_example(task, rng.choice(templates), fact, key) for fact in CAPITALS]
 
     return build
 
@@ -265,15 +254,15 @@ TASKS: dict[str, Task] = {
         Task("count", _count),
         Task(
             "capital_of",
-            _capital_of,
+            _fact_question("capital_of", CAPITAL_OF_TEMPLATES, 0),
             fixed_test=_held_out_phrasings("capital_of", CAPITAL_OF_TEMPLATES, 0),
-            train_sample=_capital_of_train,
+            train_sample=_fact_question("capital_of", CAPITAL_OF_TEMPLATES + CAPITAL_OF_TRAIN_TEMPLATES, 0),
         ),
         Task(
             "country_of",
-            _country_of,
+            _fact_question("country_of", COUNTRY_OF_TEMPLATES, 1),
             fixed_test=_held_out_phrasings("country_of", COUNTRY_OF_TEMPLATES, 1),
-            train_sample=_country_of_train,
+            train_sample=_fact_question("country_of", COUNTRY_OF_TEMPLATES + COUNTRY_OF_TRAIN_TEMPLATES, 1),
         ),
         Task("any_capital", _any_capital, multi_answer=True),
         Task("any_country", _any_country, multi_answer=True),

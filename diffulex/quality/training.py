@@ -91,9 +91,11 @@ def tokenize_rows(
     rng = random.Random(f"{seed}:targets")
     targets = [example.answers[rng.randrange(len(example.answers))] for example in examples]
     questions = [example.prompt for example in examples]
-    prompt_ids = dict(zip(unique := list(dict.fromkeys(questions)), encode_prompts(tokenizer, unique)))
-    distinct = list(dict.fromkeys(targets))
-    answer_ids = dict(zip(distinct, tokenizer(distinct, add_special_tokens=False)["input_ids"]))
+    distinct_prompts, distinct_answers = list(dict.fromkeys(questions)), list(dict.fromkeys(targets))
+    prompt_ids = dict(zip(distinct_prompts, encode_prompts(tokenizer, distinct_prompts)))
+    answer_ids = dict(
+        zip(distinct_answers, tokenizer(distinct_answers, add_special_tokens=False)["input_ids"])
+    )
     end_of_turn, end_of_text = tokenizer.convert_tokens_to_ids([END_OF_TURN[family], END_OF_TEXT])
     too_long = [answer for answer, ids in answer_ids.items() if len(ids) + 1 > min(GEN_LENGTHS)]
     if too_long:
