@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffulex.llm import LLM
 from diffulex.models.tiny_layouts import _llada_tensor_shapes, _sdar_tensor_shapes
@@ -420,16 +421,72 @@ def test_training_runs_on_cuda_with_bf16_autocast(family: str, tmp_path: Path) -
     assert output.finish_reason in ("stop", "length") and output.num_forwards > 0
 
 
+def test_embedding_by_matmul_equals_the_gather_and_its_gradient() -> None:
+    """The training model's one-hot embedding gives the gathered rows exactly (in the weight's dtype,
+    also under bf16 autocast) and the same weight gradient."""
+    from diffulex.quality.train_model import embed_by_matmul
+
+    embed = torch.nn.Embedding(104, 32)
+    ids = torch.randint(0, 104, (3, 9), generator=torch.Generator().manual_seed(0))
+    upstream = torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = embed_by_matmul(embed, ids)
+    assert rows.dtype == torch.float32 and torch.equal(rows, embed(ids))
+    (rows * upstream).sum().backward()
+    by_matmul, embed.weight.grad = embed.weight.grad, None
+    (embed(ids) * upstream).sum().backward()
+    torch.testing.assert_close(by_matmul, embed.weight.grad)
+
+
+def test_compiled_training_computes_the_eager_losses(tmp_path: Path, one_thread) -> None:
+    """``compile=True`` runs the same model through torch.compile: the same batches, losses equal to
+    rounding, and the checkpoint still carries the official parameter names (not the compiled wrapper's);
+    the inductor determinism switch is on only during the run."""
+    import torch._inductor.config as inductor
+
+    from diffulex.quality.trainer import TrainOptions, train
+
+    examples = [Example("copy", "Repeat: ab", ("ab",)), Example("reverse", "Reverse: abc", ("cba",))]
+    results, weights = [], []
+    for compiled in (False, True):
+        folder = tmp_path / str(compiled)
+        options = TrainOptions(
+            "llada",
+            str(folder),
+            steps=4,
+            batch_size=4,
+            size="toy",
+            device="cpu",
+            log_every=1,
+            compile=compiled,
+        )
+        results.append(train(options, log=lambda line: None, examples=examples))
+        weights.append(load_file(folder / "model.safetensors"))
+        assert not inductor.deterministic
+    eager, compiled_run = results
+    torch.testing.assert_close(
+        torch.tensor([loss for _, loss in compiled_run.losses]),
+        torch.tensor([loss for _, loss in eager.losses]),
+    )
+    assert weights[0].keys() == weights[1].keys() and "model.transformer.wte.weight" in weights[1]
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name].float(), tensor.float(), atol=1e-3, rtol=1e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("family", ["llada", "sdar"])
-def test_training_on_cuda_is_deterministic(family: str, tmp_path: Path) -> None:
-    """The default size on the GPU, twice with the same options: byte-identical checkpoints."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_training_on_cuda_is_deterministic(family: str, compiled: bool, tmp_path: Path) -> None:
+    """The default size on the GPU, twice with the same options: byte-identical checkpoints (also with
+    torch.compile, whose kernel choice must not depend on timing)."""
     from diffulex.quality.trainer import TrainOptions, train
 
     checkpoints = []
     for name in ("a", "b"):
-        options = TrainOptions(family, str(tmp_path / name), steps=20, batch_size=64, train_per_task=200)
+        options = TrainOptions(
+            family, str(tmp_path / name), steps=20, batch_size=64, train_per_task=200, compile=compiled
+        )
         train(options, log=lambda line: None)
         checkpoints.append((tmp_path / name / "model.safetensors").read_bytes())
     assert checkpoints[0] == checkpoints[1]

@@ -166,6 +166,16 @@ class SDARTrainLayer(nn.Module):
         return x + self.mlp["down_proj"](F.silu(self.mlp["gate_proj"](normed)) * self.mlp["up_proj"](normed))
 
 
+def embed_by_matmul(embed: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+    """``embed(input_ids)`` as a one-hot product: the same rows (exact: one non-zero term per output),
+    but the backward is a matmul. The gather's backward adds every token's gradient into one of only
+    ~100 vocabulary rows; with deterministic kernels (and under torch.compile) that scatter runs
+    serialised per row and took 60-66% of a training step on the H200 (docs/perf-notes.md)."""
+    one_hot = F.one_hot(input_ids, embed.num_embeddings).to(embed.weight.dtype)
+    with torch.autocast(input_ids.device.type, enabled=False):  # rows in the weight's dtype, as a gather
+        return one_hot @ embed.weight
+
+
 class TinyDiffusionLM(nn.Module):
     """A LLaDA or SDAR model (by the config's ``model_type``) for training, in the official module tree.
 
@@ -239,7 +249,7 @@ class TinyDiffusionLM(nn.Module):
         logits_rows: int | None = None,
     ) -> torch.Tensor:
         embed, norm, head = self._parts()
-        hidden = embed(input_ids)
+        hidden = embed_by_matmul(embed, input_ids)
         rope = rope_tables(positions, self.head_dim, self.rope_theta)
         for layer in self._layers():
             hidden = layer(hidden, rope, visible)
@@ -248,4 +258,4 @@ class TinyDiffusionLM(nn.Module):
         return head(norm(hidden))
 
 
-__all__ = ["TinyDiffusionLM", "apply_rope", "attend", "rope_tables", "self_attention"]
+__all__ = ["TinyDiffusionLM", "apply_rope", "attend", "embed_by_matmul", "rope_tables", "self_attention"]

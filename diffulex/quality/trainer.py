@@ -19,13 +19,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch._inductor.config as inductor
 
 from diffulex.quality.checkpoint import load_tokenizer, model_config, write_checkpoint, write_tokenizer_files
 from diffulex.quality.tasks import Example, make_suite
 from diffulex.quality.train_model import TinyDiffusionLM
-from diffulex.quality.training import BATCH_BUILDERS, choose_gen_length, diffusion_loss, tokenize_rows
+from diffulex.quality.training import (
+    BATCH_BUILDERS,
+    TokenizedRows,
+    choose_gen_length,
+    diffusion_loss,
+    tokenize_rows,
+)
 
 Log = Callable[[str], None]
 
@@ -52,6 +60,7 @@ class TrainOptions:
     time_budget_s: float | None = None  # size the schedule to this time (steps = the cap), see train()
     d2f_fraction: float = 0.0  # LLaDA only: share of batches in D2F's block-causal layout
     deterministic: bool = True  # deterministic kernels only: the same command gives the same weights
+    compile: bool = False  # torch.compile the model's forward (CUDA: fewer, fused kernels per step)
 
 
 @dataclass
@@ -130,12 +139,17 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         yield
         return
     previous = torch.are_deterministic_algorithms_enabled()
+    previous_inductor = inductor.deterministic
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(True)
+    # torch.compile (``TrainOptions.compile``) would otherwise pick reduction kernels by timing them,
+    # and a different pick sums in a different order.
+    inductor.deterministic = True
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
+        inductor.deterministic = previous_inductor
 
 
 def train(options: TrainOptions, log: Log = print, examples: list[Example] | None = None) -> TrainResult:
@@ -150,32 +164,89 @@ def train(options: TrainOptions, log: Log = print, examples: list[Example] | Non
         return _train(options, log, examples)
 
 
-def _train(options: TrainOptions, log: Log, examples: list[Example] | None) -> TrainResult:
+@dataclass
+class TrainingSession:
+    """A prepared run: tokenized rows on the device, the model, optimizer, schedule and the batch streams.
+
+    ``step(index)`` performs one optimizer step and returns the loss (still on the device: reading it
+    would make the host wait). ``train()`` drives it; ``scripts/bench_training.py`` times it."""
+
+    options: TrainOptions
+    device: torch.device
+    config: dict[str, Any]
+    out_dir: Path
+    rows: TokenizedRows
+    num_rows: int
+    model: TinyDiffusionLM
+    forward: Callable[..., torch.Tensor]  # the model, or its torch.compile'd wrapper (same parameters)
+    optimizer: torch.optim.AdamW
+    schedule: WarmupCosine
+    generator: torch.Generator
+    lengths: random.Random
+
+    def step(self, index: int) -> torch.Tensor:
+        options = self.options
+        for group in self.optimizer.param_groups:
+            group["lr"] = options.lr * self.schedule(index)
+        layout = "llada_d2f" if self.lengths.random() < options.d2f_fraction else options.family
+        batch = BATCH_BUILDERS[layout](
+            self.rows, options.batch_size, self.generator, choose_gen_length(self.lengths)
+        )
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.forward(batch.input_ids, batch.positions, batch.visible, batch.logits_rows)
+        loss = diffusion_loss(logits, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return loss.detach()
+
+
+def prepare(
+    options: TrainOptions, examples: list[Example] | None = None, rows: TokenizedRows | None = None
+) -> TrainingSession:
+    """Seed, write the tokenizer files, tokenize the suite (or ``examples``; or take ready ``rows``), and
+    build the model, optimizer, schedule and batch streams of ``options``."""
+    if options.d2f_fraction and options.family != "llada":
+        raise ValueError("d2f_fraction applies to the llada family only")
     device = resolve_device(options.device)
     torch.manual_seed(options.seed)
     config = model_config(options.family, options.size)
     out_dir = write_tokenizer_files(options.family, options.out_dir)
-    tokenizer = load_tokenizer(out_dir)
-    if examples is None:
-        train_rows, _ = make_suite(options.suite_seed, train_per_task=options.train_per_task)
-    else:
-        train_rows = examples
-    rows = tokenize_rows(train_rows, tokenizer, options.family, int(config["mask_token_id"]), options.seed)
+    if rows is None:
+        if examples is None:
+            examples, _ = make_suite(options.suite_seed, train_per_task=options.train_per_task)
+        tokenizer = load_tokenizer(out_dir)
+        rows = tokenize_rows(examples, tokenizer, options.family, int(config["mask_token_id"]), options.seed)
     rows = rows.to(device)
     model = TinyDiffusionLM(config).to(device)
+    # Inductor fuses the norms, RoPE, SwiGLU and the loss's elementwise work: the tiny model's step is
+    # otherwise bound by hundreds of small kernels, not by its arithmetic (docs/perf-notes.md).
+    forward = torch.compile(model, dynamic=False) if options.compile else model  # three static lengths
+    return TrainingSession(
+        options=options,
+        device=device,
+        config=config,
+        out_dir=out_dir,
+        rows=rows,
+        num_rows=rows.sequences.shape[0],
+        model=model,
+        forward=forward,
+        optimizer=build_optimizer(model, options, device),
+        schedule=WarmupCosine(options.warmup_steps, options.steps, options.min_lr_ratio),
+        generator=torch.Generator(device=device).manual_seed(options.seed),
+        lengths=random.Random(f"{options.seed}:gen_lengths"),  # host-side: no device sync per batch
+    )
+
+
+def _train(options: TrainOptions, log: Log, examples: list[Example] | None) -> TrainResult:
+    session = prepare(options, examples)
+    device, model, schedule, optimizer = session.device, session.model, session.schedule, session.optimizer
     num_params = sum(p.numel() for p in model.parameters())
     log(
-        f"[{options.family}] {num_params / 1e6:.2f}M parameters, {len(train_rows)} training rows of "
-        f"{rows.sequences.shape[1]} tokens, {options.steps} steps x {options.batch_size} on {device}"
+        f"[{options.family}] {num_params / 1e6:.2f}M parameters, {session.num_rows} training rows of "
+        f"{session.rows.sequences.shape[1]} tokens, {options.steps} steps x {options.batch_size} on {device}"
     )
-    optimizer = build_optimizer(model, options, device)
-    schedule = WarmupCosine(options.warmup_steps, options.steps, options.min_lr_ratio)
-    generator = torch.Generator(device=device).manual_seed(options.seed)
-    lengths = random.Random(f"{options.seed}:gen_lengths")  # host-side: no device sync per batch
-    if options.d2f_fraction and options.family != "llada":
-        raise ValueError("d2f_fraction applies to the llada family only")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
     start = time.monotonic()
     running = torch.zeros((), device=device)
     losses: list[tuple[int, float]] = []
@@ -185,18 +256,7 @@ def _train(options: TrainOptions, log: Log, examples: list[Example] | None) -> T
     for step in range(options.steps):
         if step >= schedule.total_steps:
             break
-        for group in optimizer.param_groups:
-            group["lr"] = options.lr * schedule(step)
-        layout = "llada_d2f" if lengths.random() < options.d2f_fraction else options.family
-        batch = BATCH_BUILDERS[layout](rows, options.batch_size, generator, choose_gen_length(lengths))
-        with autocast:
-            logits = model(batch.input_ids, batch.positions, batch.visible, batch.logits_rows)
-        loss = diffusion_loss(logits, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        running += loss.detach()
+        running += session.step(step)
         steps_done = step + 1
         if options.time_budget_s is not None and steps_done in CALIBRATION:
             _synchronize(device)
@@ -242,17 +302,21 @@ def _train(options: TrainOptions, log: Log, examples: list[Example] | None) -> T
         else platform.processor() or "cpu",
         "torch": torch.__version__,
     }
-    write_checkpoint(config, model.state_dict(), out_dir, extra_files={"training.json": record})
+    write_checkpoint(
+        session.config, model.state_dict(), session.out_dir, extra_files={"training.json": record}
+    )
     final = losses[-1][1] if losses else float("nan")
-    return TrainResult(out_dir, steps_done, final, elapsed, stopped_early, losses)
+    return TrainResult(session.out_dir, steps_done, final, elapsed, stopped_early, losses)
 
 
 __all__ = [
     "TrainOptions",
     "TrainResult",
+    "TrainingSession",
     "WarmupCosine",
     "build_optimizer",
     "deterministic_algorithms",
+    "prepare",
     "resolve_device",
     "steps_for_budget",
     "train",
