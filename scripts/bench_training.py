@@ -77,7 +77,9 @@ def suite_rows(family: str, size: str, train_per_task: int, scratch: Path) -> To
     return tokenize_rows(examples, tokenizer, family, int(model_config(family, size)["mask_token_id"]), 0)
 
 
-def time_variant(options: TrainOptions, rows: TokenizedRows, args: argparse.Namespace, out: Path) -> dict:
+def time_variant(
+    name: str, options: TrainOptions, rows: TokenizedRows, args: argparse.Namespace, out: Path
+) -> dict:
     with deterministic_algorithms(options.deterministic):
         session = prepare(options, rows=rows)
         device = session.device
@@ -107,9 +109,9 @@ def time_variant(options: TrainOptions, rows: TokenizedRows, args: argparse.Name
                 _sync(device)
             sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
             table = profiler.key_averages().table(sort_by=sort, row_limit=25)
-            name = f"profile_{options.family}_{'compile' if options.compile else 'eager'}.txt"
-            (out / name).write_text(table)
-            result["profile"] = name
+            path = out / f"profile_{options.family}_{name}.txt"
+            path.write_text(table)
+            result["profile"] = path.name
     return result
 
 
@@ -135,7 +137,7 @@ def main() -> None:
                     train_per_task=args.train_per_task,
                 )
                 options = replace(options, compile=variant.compile, deterministic=variant.deterministic)
-                result = {"family": family, "variant": name, **time_variant(options, rows, args, out)}
+                result = {"family": family, "variant": name, **time_variant(name, options, rows, args, out)}
                 report["runs"].append(result)
                 print(json.dumps(result), flush=True)
     if torch.cuda.is_available():

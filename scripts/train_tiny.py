@@ -16,7 +16,7 @@ import argparse
 from diffulex.quality.checkpoint import FAMILIES, SIZES
 from diffulex.quality.evaluate import default_setting, evaluate
 from diffulex.quality.tasks import make_suite
-from diffulex.quality.trainer import TrainOptions, train
+from diffulex.quality.trainer import TrainOptions, resolve_device, train
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,6 +65,12 @@ def parse_args() -> argparse.Namespace:
         help="deterministic kernels only, so that the same command gives the same weights (default: on)",
     )
     parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (default: on when training on CUDA, where it halves the step time)",
+    )
+    parser.add_argument(
         "--eval-limit", type=int, default=100, help="test examples of the final check (0: skip)"
     )
     return parser.parse_args()
@@ -90,6 +96,7 @@ def main() -> None:
         time_budget_s=args.time_budget_s,
         d2f_fraction=args.d2f_fraction,
         deterministic=args.deterministic,
+        compile=resolve_device(args.device).type == "cuda" if args.compile is None else args.compile,
     )
     result = train(options, log=lambda line: print(line, flush=True))
     print(
