@@ -3,7 +3,7 @@
 For a machine of 2, 4 or 8 H200s (nvidia-h200-x2/x4/x8); every number comes from the same run:
   0. writes two random bf16 checkpoints once, in the official Hugging Face layout (config.json, sharded
      safetensors + model.safetensors.index.json), generated on the GPU tensor by tensor so host memory
-     stays small: the LLaDA-8B shape (``bench_gpu.LLADA_8B``) and a LLaDA2-mini-shaped MoE (values below);
+     stays small: the LLaDA-8B shape (``bench_gpu_models.LLADA_8B``) and a LLaDA2-mini-shaped MoE (below);
   1. correctness: for every TP size of ``--tp`` that fits the visible GPUs, the greedy token ids of four
      fixed prompts (block_diffusion, block 32, 4 tokens per forward, ignore_eos) against TP=1's, for both
      models (the MoE also with expert_parallel_size = tp); equal or not, the first differing position, and

@@ -30,7 +30,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import LLADA_8B  # noqa: E402
+from bench_gpu_models import LLADA_8B  # noqa: E402
 
 from diffulex.models.tiny_checkpoint import special_token_ids  # noqa: E402
 from diffulex.models.tiny_layouts import _CONFIGS, _TENSOR_SHAPES  # noqa: E402

@@ -20,7 +20,7 @@ from diffulex import SamplingParams
 
 # `python scripts/profile_gpu.py` puts scripts/ (not the repository root) on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import LLADA_8B, build_model, make_engine  # noqa: E402
+from bench_gpu_models import LLADA_8B, build_model, make_engine  # noqa: E402
 
 # Kernel-name fragments of each kind, first match wins (cuBLAS/CUTLASS GEMM names vary by version).
 CATEGORIES = {

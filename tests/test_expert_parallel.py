@@ -18,7 +18,7 @@ import torch
 
 from diffulex.config import ConfigError, load_engine_config
 from diffulex.engine.engine import Engine
-from diffulex.engine.tp_workers import TensorParallelRunner
+from diffulex.engine.tp_runner import TensorParallelRunner
 from diffulex.layers.expert_parallel import AbsentExpert, token_slice
 from diffulex.layers.linear import UnmergedView, unmerged_parameters
 from diffulex.layers.moe import GroupedSigmoidMoeBlock, SparseMoeBlock

@@ -19,7 +19,7 @@ import torch
 from diffulex import SamplingParams
 from diffulex.config import load_engine_config
 from diffulex.engine.engine import Engine
-from diffulex.engine.tp_workers import TensorParallelRunner
+from diffulex.engine.tp_runner import TensorParallelRunner
 from diffulex.llm import LLM
 from diffulex.models.tiny_checkpoint import write_tiny_checkpoint
 from tests.parallel_helpers import CPU_OPTIONS, PARAMS, prompts, run_engine

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from diffulex import SamplingParams
 from diffulex.cli import app as cli_app
 from diffulex.config import ConfigError, load_engine_config, load_serve_config
-from diffulex.engine.tp_workers import TensorParallelRunner
+from diffulex.engine.tp_runner import TensorParallelRunner
 from diffulex.llm import LLM
 from diffulex.models.tiny_checkpoint import write_tiny_checkpoint
 

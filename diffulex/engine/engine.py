@@ -20,7 +20,7 @@ from diffulex.engine.kv_cache import KVCacheManager
 from diffulex.engine.model_runner import ModelRunner
 from diffulex.engine.scheduler import Scheduler
 from diffulex.engine.stop_checker import find_stop
-from diffulex.engine.tp_workers import TensorParallelRunner, create_runner
+from diffulex.engine.tp_runner import TensorParallelRunner, create_runner
 from diffulex.models.loader import load_tokenizer
 from diffulex.request import Request, RequestOutput, RequestStatus
 from diffulex.sampling_params import SamplingParams

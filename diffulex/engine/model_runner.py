@@ -7,7 +7,7 @@ without changing what goes in or out.
 
 Under tensor parallelism every rank has a ModelRunner over its shard of the model and of the KV cache
 (its KV heads only); ``step_logits`` is the part all ranks run together (its collectives must match), and
-only rank 0 gets logits back and samples (``diffulex.engine.tp_workers`` drives the other ranks).
+only rank 0 gets logits back and samples (``diffulex.engine.tp_runner`` drives the other ranks).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class ModelRunner(StepSampling):
         if self.parallel.tp_size != config.tensor_parallel_size:
             raise RuntimeError(
                 f"tensor_parallel_size={config.tensor_parallel_size} but this process is not a rank of such a "
-                "group: build the runner with diffulex.engine.tp_workers.create_runner"
+                "group: build the runner with diffulex.engine.tp_runner.create_runner"
             )
         if model_and_spec is None:
             with using_parallel_state(self.parallel):  # the layers read it to pick their shards
