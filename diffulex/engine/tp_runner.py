@@ -34,11 +34,11 @@ from diffulex.engine.tp_workers import (
     FULL_LOGITS,
     SHUTDOWN,
     TensorParallelStartError,
-    _build_runner,
-    _check_world_size,
-    _init_group,
-    _send,
+    build_runner,
+    check_world_size,
+    init_group,
     launched_by_torchrun,
+    send_command,
     worker_main,
 )
 from diffulex.layers.parallel_state import split_heads
@@ -88,7 +88,7 @@ class TensorParallelRunner:
         self._closed = False
         store = None
         if launched_by_torchrun():
-            _check_world_size(config)
+            check_world_size(config)
         else:
             timeout = datetime.timedelta(seconds=config.distributed_timeout_s)
             # Port 0: the store picks a free port and the workers are told which (no race for it).
@@ -99,8 +99,8 @@ class TensorParallelRunner:
         try:
             if store is not None:
                 self._wait_for_workers(store, config.distributed_timeout_s)
-            self.control, state = _init_group(config, 0, store)
-            self.runner = _build_runner(config, state, self.control)
+            self.control, state = init_group(config, 0, store)
+            self.runner = build_runner(config, state, self.control)
         except Exception as error:
             # A rank that could not load says why; otherwise a worker that died is the likely cause.
             reason = str(error)
@@ -173,7 +173,7 @@ class TensorParallelRunner:
         if failure is not None:
             raise TensorParallelError(failure)
         try:
-            _send(command, payload, self.control)
+            send_command(command, payload, self.control)
             return local()
         except Exception as error:
             reason = self._dead_rank(DEATH_GRACE_S) or f"tensor-parallel step failed: {error}"
@@ -220,7 +220,7 @@ class TensorParallelRunner:
             return
         if self._failure is None and self._dead_rank() is None:
             try:
-                _send(SHUTDOWN, None, self.control)
+                send_command(SHUTDOWN, None, self.control)
             except Exception:  # a worker died meanwhile: it is stopped below either way
                 logger.warning("could not tell the tensor-parallel workers to stop", exc_info=True)
         self._closed = True

@@ -57,7 +57,7 @@ def rank_device(device: str, rank: int) -> str:
     return f"cuda:{((resolved.index or 0) + rank) % torch.cuda.device_count()}"
 
 
-def _init_group(config: EngineConfig, rank: int, store: Any | None) -> tuple[Any, ParallelState]:
+def init_group(config: EngineConfig, rank: int, store: Any | None) -> tuple[Any, ParallelState]:
     """Join the default (tensor) group and create the control group; returns the control group and this
     rank's parallel state (handed to the layers as they are built, never left as the process default)."""
     import torch.distributed as dist
@@ -84,7 +84,7 @@ def _init_group(config: EngineConfig, rank: int, store: Any | None) -> tuple[Any
     )
 
 
-def _build_runner(config: EngineConfig, state: ParallelState, control: Any) -> ModelRunner:
+def build_runner(config: EngineConfig, state: ParallelState, control: Any) -> ModelRunner:
     """Load this rank's shard; every rank learns whether every other one loaded before going on (so a
     rank that cannot load stops the launch with its own error instead of a hang in a collective)."""
     import torch.distributed as dist
@@ -113,7 +113,7 @@ def _build_runner(config: EngineConfig, state: ParallelState, control: Any) -> M
 
 
 # ----- the command channel -------------------------------------------------------------------------------
-def _send(command: int, payload: Any, control: Any) -> None:
+def send_command(command: int, payload: Any, control: Any) -> None:
     import torch.distributed as dist
 
     data = b"" if payload is None else pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
@@ -122,7 +122,7 @@ def _send(command: int, payload: Any, control: Any) -> None:
         dist.broadcast(torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()), 0, group=control)
 
 
-def _receive(control: Any) -> tuple[int, Any]:
+def receive_command(control: Any) -> tuple[int, Any]:
     import torch.distributed as dist
 
     header = torch.zeros(2, dtype=torch.int64)
@@ -139,7 +139,7 @@ def _receive(control: Any) -> tuple[int, Any]:
 def _serve(runner: ModelRunner, control: Any) -> None:
     """A worker's loop: run what rank 0 broadcasts until it says shutdown."""
     while True:
-        command, payload = _receive(control)
+        command, payload = receive_command(control)
         if command == EXECUTE:
             plan, iterations = payload
             if iterations > 1:
@@ -159,9 +159,9 @@ def _serve(runner: ModelRunner, control: Any) -> None:
 def _run_worker(config: EngineConfig, rank: int, store: Any | None) -> None:
     import torch.distributed as dist
 
-    control, state = _init_group(config, rank, store)
+    control, state = init_group(config, rank, store)
     try:
-        _serve(_build_runner(config, state, control), control)
+        _serve(build_runner(config, state, control), control)
     finally:
         dist.destroy_process_group()
 
@@ -188,12 +188,12 @@ def run_torchrun_worker(config: EngineConfig) -> bool:
     Returns False at once on rank 0 or outside torchrun (the caller then runs the engine itself)."""
     if not launched_by_torchrun() or int(os.environ["RANK"]) == 0:
         return False
-    _check_world_size(config)
+    check_world_size(config)
     _run_worker(config, int(os.environ["RANK"]), None)
     return True
 
 
-def _check_world_size(config: EngineConfig) -> None:
+def check_world_size(config: EngineConfig) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != config.tensor_parallel_size:
         raise ValueError(
