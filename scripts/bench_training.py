@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -140,8 +141,8 @@ def main() -> None:
                 result = {"family": family, "variant": name, **time_variant(name, options, rows, args, out)}
                 report["runs"].append(result)
                 print(json.dumps(result), flush=True)
-    if torch.cuda.is_available():
-        report["device"] = torch.cuda.get_device_name()
+    cuda = (torch.cuda.is_available() and args.device == "auto") or args.device.startswith("cuda")
+    report["device"] = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
     (out / "training_bench.json").write_text(json.dumps(report, indent=1))
     print(f"\n{'family':8} {'variant':26} {'ms/step':>8} {'warmup s':>9} {'mean loss':>10}")
     for run in report["runs"]:

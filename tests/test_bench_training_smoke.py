@@ -21,6 +21,7 @@ def test_training_bench_reports_every_family_and_variant(tmp_path: Path) -> None
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "training_bench.json").read_text())
+    assert report["device"] and report["date"]
     runs = {(r["family"], r["variant"]): r for r in report["runs"]}
     assert set(runs) == {(f, v) for f in ("llada", "sdar") for v in ("eager", "eager-nondeterministic")}
     for (family, variant), result in runs.items():
