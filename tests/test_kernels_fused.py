@@ -1,4 +1,5 @@
-"""Fused RMSNorm / add+RMSNorm / RoPE / SiLU-mul kernels (kernels/fused_ops.py) against their torch twins.
+"""Fused RMSNorm / add+RMSNorm / RoPE / SiLU-mul kernels (kernels/fused_norm.py, kernels/fused_ops.py)
+against their torch twins.
 
 CPU: the kernels run under the Triton interpreter, which needs ``TRITON_INTERPRET=1`` before triton is
 imported, so every launch happens in one child process (spawned once per module with the variable in its
@@ -12,12 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffulex.kernels.fused_ops import (
-    add_rms_norm_reference,
-    rms_norm_reference,
-    rope_reference,
-    silu_and_mul_reference,
-)
+from diffulex.kernels.fused_norm import add_rms_norm_reference, rms_norm_reference
+from diffulex.kernels.fused_ops import rope_reference, silu_and_mul_reference
 
 from diffulex.layers.activation import SiluAndMul, silu_and_mul
 from diffulex.layers.norm import RMSNorm
@@ -29,12 +26,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _CHILD = """
 import sys
 import torch
-from diffulex.kernels import fused_ops
+from diffulex.kernels import fused_norm, fused_ops
 
 cases = torch.load(sys.argv[1])
 out = {}
 for name, case in cases.items():
-    fn = getattr(fused_ops, case["op"] + "_triton")
+    module = fused_norm if case["op"] in ("rms_norm", "add_rms_norm") else fused_ops
+    fn = getattr(module, case["op"] + "_triton")
     out[name] = fn(*case["args"], **case.get("kwargs", {}), **case.get("kernel_kwargs", {}))
 torch.save(out, sys.argv[2])
 """

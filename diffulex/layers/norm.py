@@ -37,10 +37,10 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)`` (the sum in the input dtype).
 
-        CUDA tensors take one fused Triton kernel (``diffulex.kernels.fused_ops``); others the torch code.
+        CUDA tensors take one fused Triton kernel (``diffulex.kernels.fused_norm``); others the torch code.
         """
         if x.is_cuda:
-            from diffulex.kernels.fused_ops import add_rms_norm_triton, rms_norm_triton
+            from diffulex.kernels.fused_norm import add_rms_norm_triton, rms_norm_triton
 
             if residual is None:
                 return rms_norm_triton(x, self.weight, self.eps, self.bias)
