@@ -5,7 +5,8 @@ device) follow from the seeds. With ``deterministic`` (the default) the run also
 kernels (``torch.use_deterministic_algorithms``, cuBLAS with a fixed workspace): on the GPU the
 attention backward otherwise splits keys across blocks that add into the same gradients in whatever
 order they finish, and two runs of the same command drift apart. On CUDA the forward runs under bf16
-autocast with float32 master weights; the checkpoint is saved in bf16 (``write_checkpoint``).
+autocast with float32 master weights (``compile``, ``train_tiny.py``'s default there, runs it through
+torch.compile); the checkpoint is saved in bf16 (``write_checkpoint``).
 """
 
 from __future__ import annotations
@@ -176,13 +177,16 @@ class TrainingSession:
     config: dict[str, Any]
     out_dir: Path
     rows: TokenizedRows
-    num_rows: int
     model: TinyDiffusionLM
     forward: Callable[..., torch.Tensor]  # the model, or its torch.compile'd wrapper (same parameters)
     optimizer: torch.optim.AdamW
     schedule: WarmupCosine
     generator: torch.Generator
     lengths: random.Random
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.sequences.shape[0]
 
     def step(self, index: int) -> torch.Tensor:
         options = self.options
@@ -229,7 +233,6 @@ def prepare(
         config=config,
         out_dir=out_dir,
         rows=rows,
-        num_rows=rows.sequences.shape[0],
         model=model,
         forward=forward,
         optimizer=build_optimizer(model, options, device),
