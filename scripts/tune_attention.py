@@ -1,9 +1,12 @@
 """Sweep the paged-attention kernel's tile sizes and split counts at decode shapes (device only).
 
-    python scripts/tune_attention.py --out $OUT
+    python scripts/tune_attention.py --out $OUT [--sequences 1 64] [--layout token-major head-major]
 
 Shapes: LLaDA-8B heads (32 x 128, no GQA), page 32, bf16; 32 query tokens per sequence over a 1,024-token
 cache, at 1 and 64 sequences. Prints the best configurations per shape and the default's time.
+``--layout head-major`` times the same kernel over a cache whose pages store each head's rows together
+(the engine's pages are token-major): the kernel reads the cache through its strides, so the question
+"would a head-major page layout lift the 1 TB/s of the batch-1 K/V gather?" costs no engine change.
 
 Times are taken over CUDA-graph replays (``do_bench_cudagraph``), as the engine runs the kernel: a
 separately launched call at batch 1 measures the host launch (35-50 us), not the kernel (~15 us).
@@ -25,9 +28,28 @@ import torch
 from diffulex.kernels.paged_attention import paged_attention_triton
 from triton.testing import do_bench_cudagraph
 
+LAYOUTS = ("token-major", "head-major")
+
+
+def cache_tensor(pages: int, page: int, heads: int, dim: int, layout: str) -> torch.Tensor:
+    """A ``[pages, page, heads, dim]`` cache view. token-major (the engine's): a page stores its rows one
+    after the other, each row all heads; head-major: a page stores each head's rows together (its
+    32 x 256 B = 8 KB contiguous instead of 256 B slices at an 8 KB stride), passed as a permuted view
+    (the kernel reads the cache through its strides)."""
+    dev, dt = "cuda", torch.bfloat16
+    if layout == "head-major":
+        return torch.randn(pages, heads, page, dim, device=dev, dtype=dt).permute(0, 2, 1, 3)
+    return torch.randn(pages, page, heads, dim, device=dev, dtype=dt)
+
 
 def inputs(
-    num_seqs: int, q_len: int = 32, context: int = 1024, heads: int = 32, dim: int = 128, page: int = 32
+    num_seqs: int,
+    q_len: int = 32,
+    context: int = 1024,
+    heads: int = 32,
+    dim: int = 128,
+    page: int = 32,
+    layout: str = "token-major",
 ):
     torch.manual_seed(0)
     tokens = num_seqs * q_len
@@ -37,8 +59,8 @@ def inputs(
     query = torch.randn(tokens, heads, dim, device=dev, dtype=dt)
     key = torch.randn(tokens, heads, dim, device=dev, dtype=dt)
     value = torch.randn(tokens, heads, dim, device=dev, dtype=dt)
-    k_cache = torch.randn(cache_pages, page, heads, dim, device=dev, dtype=dt)
-    v_cache = torch.randn(cache_pages, page, heads, dim, device=dev, dtype=dt)
+    k_cache = cache_tensor(cache_pages, page, heads, dim, layout)
+    v_cache = cache_tensor(cache_pages, page, heads, dim, layout)
     perm = torch.randperm(cache_pages, device=dev).to(torch.int32)
     tables = perm.view(num_seqs, pages_per_seq)
     cu = torch.arange(0, tokens + 1, q_len, device=dev, dtype=torch.int32)
@@ -53,16 +75,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--sequences", type=int, nargs="+", default=[1, 64], help="batch sizes to sweep")
     parser.add_argument(
+        "--layout", nargs="+", choices=LAYOUTS, default=["token-major"], help="K/V page layouts to sweep"
+    )
+    parser.add_argument(
         "--copies", type=int, default=0, help="input copies walked per timing (0: enough to exceed 2x L2)"
     )
     args = parser.parse_args()
     l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
     results = {}
-    for num_seqs in args.sequences:
-        first = inputs(num_seqs)
+    for num_seqs, layout in itertools.product(args.sequences, args.layout):
+        first = inputs(num_seqs, layout=layout)
         cache_bytes = 2 * first[3].numel() * first[3].element_size()
         copies = args.copies or max(1, -(-2 * l2_bytes // cache_bytes))
-        sets = [first] + [inputs(num_seqs) for _ in range(copies - 1)]
+        sets = [first] + [inputs(num_seqs, layout=layout) for _ in range(copies - 1)]
 
         def walk(config: dict, sets: list = sets) -> None:
             for data in sets:
@@ -85,7 +110,7 @@ def main() -> None:
             rows.append({**config, "ms": ms})
         ok = sorted((r for r in rows if r["ms"] is not None), key=lambda r: r["ms"])
         kv_gb_per_s = cache_bytes / (ok[0]["ms"] * 1e-3) / 1e9 if ok else None
-        results[num_seqs] = {
+        results[f"{num_seqs}/{layout}"] = {
             "default_ms": default_ms,
             "copies": copies,
             "cache_bytes": cache_bytes,
@@ -93,7 +118,9 @@ def main() -> None:
             "best": ok[:10],
             "all": rows,
         }
-        print(f"{num_seqs} sequences ({copies} copies, cold K/V): default {1000 * default_ms:.1f} us")
+        print(
+            f"{num_seqs} sequences, {layout} ({copies} copies, cold K/V): default {1000 * default_ms:.1f} us"
+        )
         for r in ok[:8]:
             print(f"   {1000 * r['ms']:.1f} us  {r}")
     (args.out / "tune_attention.json").write_text(json.dumps(results, indent=2))

@@ -42,6 +42,7 @@ class Case:
     ids_dtype: torch.dtype = torch.int64
     strided_qkv: bool = False  # q/k/v as slices of one packed projection (non-contiguous)
     poison: bool = False  # NaN in cache slots no query sees (holes, page tails, spare pages): must not leak
+    head_major_cache: bool = False  # cache storage [pages, kv_heads, rows, dim], passed as a permuted view
     kwargs: dict = field(default_factory=dict)  # tile-size overrides
 
 
@@ -57,6 +58,14 @@ CPU_CASES = [
     Case("head_dim_24", [4, 1, 3], [9, 0, 5], holes=[(2, 5), (0, 0), (0, 0)], head_dim=24),
     Case("head_dim_32_page_8", [3, 6], [17, 8], head_dim=32, page_size=8, mask="block_causal", block_size=3),
     Case("multi_tile_queries_and_keys", [37, 20], [40, 3], mask="block_causal", block_size=8, page_size=8),
+    Case(
+        "head_major_cache",
+        [4, 3],
+        [13, 6],
+        holes=[(4, 8), (0, 0)],
+        mask="block_causal",
+        head_major_cache=True,
+    ),
     Case("empty_sequence_and_padded_grid", [3, 0, 2], [5, 4, 0], extra_q=20),
     Case("strided_qkv", [4, 2], [6, 10], strided_qkv=True, mask="block_causal"),
     Case("tiles_16x32_override", [18, 5], [33, 2], mask="padding", kwargs={"block_m": 16, "block_n": 32}),
@@ -110,7 +119,10 @@ def build_case(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> di
 
     pages_needed = [(n + page - 1) // page for n in case.ctx_lens]
     num_pages = sum(pages_needed) + 3  # spare pages hold garbage that must never be read
-    k_cache, v_cache = rand(num_pages, page, kv_heads, dim), rand(num_pages, page, kv_heads, dim)
+    if case.head_major_cache:  # the kernel takes the cache's strides: a head's rows of a page contiguous
+        k_cache, v_cache = (rand(num_pages, kv_heads, page, dim).permute(0, 2, 1, 3) for _ in range(2))
+    else:
+        k_cache, v_cache = rand(num_pages, page, kv_heads, dim), rand(num_pages, page, kv_heads, dim)
     order = torch.randperm(num_pages, generator=gen).tolist()  # scattered pages: exercises the page table
     max_pages = max(1, max(pages_needed))
     page_tables = torch.full((num_seqs, max_pages), -1, dtype=torch.int32)
