@@ -15,7 +15,7 @@ from diffulex.llm import LLM
 from diffulex.models import load_model, resolve_model_class
 from diffulex.models.fast_dllm_v2 import FastDLLMV2Model
 from diffulex.models.tiny_checkpoint import special_token_ids, write_tiny_checkpoint
-from tests.test_models import _attend, _max_rel_error, _proj, _rms, _rope
+from tests.model_helpers import _attend, _max_rel_error, _proj, _rms, _rope
 
 
 def reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:

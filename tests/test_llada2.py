@@ -17,7 +17,7 @@ from diffulex.llm import LLM
 from diffulex.models import load_model, resolve_model_class
 from diffulex.models.llada2_moe import LLaDA2Model, LLaDA2MoeForCausalLM, is_moe_layer
 from diffulex.models.tiny_checkpoint import write_tiny_checkpoint
-from tests.test_models import _attend, _ids, _max_rel_error, _proj, _rms, _rope, model_logits
+from tests.model_helpers import _attend, _ids, _max_rel_error, _proj, _rms, _rope, model_logits
 
 # ---- an independent reference: one token at a time ----
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from diffulex import SamplingParams
 from diffulex.models import load_model
 from diffulex.models.tiny_checkpoint import write_tiny_checkpoint, write_tiny_lora_adapter
-from tests.test_models import _attend, _ids, _max_rel_error, _rms, _rope, model_logits
+from tests.model_helpers import _attend, _ids, _max_rel_error, _rms, _rope, model_logits
 
 PREFIX = "base_model.model."
 

@@ -1,5 +1,5 @@
 """Each strategy's greedy output and forward count equal a plain re-implementation of its published loop
-(tests/reference/loops.py: full forwards, no engine code), on tiny random checkpoints."""
+(tests/reference/loops/: full forwards, no engine code), on tiny random checkpoints."""
 
 from __future__ import annotations
 
