@@ -77,14 +77,17 @@ def llada_reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     return x @ head.T
 
 
-def sdar_reference_logits(path: Path, ids: torch.Tensor, block_size: int) -> torch.Tensor:
+def qwen_reference_logits(path: Path, ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Plain forward of the Qwen layouts from the official names, attention pattern ``allowed [query,
+    key]``: SDAR (Qwen3: per-head q/k RMSNorm, ``head_dim`` in the config), Dream and Fast-dLLM v2
+    (Qwen2.5: biased q/k/v, ``head_dim = hidden // heads``). Unshifted: row i is the head applied to
+    hidden i (the shifted families read position i from row i - 1)."""
     cfg = json.loads((path / "config.json").read_text())
     w = load_file(str(path / "model.safetensors"))
-    heads, kv_heads, head_dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     eps, theta, tokens = cfg["rms_norm_eps"], cfg["rope_theta"], ids.shape[0]
     positions = torch.arange(tokens)
-    block = positions // block_size
-    allowed = block.unsqueeze(0) <= block.unsqueeze(1)  # [query, key]: own block and earlier ones
     x = w["model.embed_tokens.weight"][ids]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -92,8 +95,12 @@ def sdar_reference_logits(path: Path, ids: torch.Tensor, block_size: int) -> tor
         q = _proj(h, w, p + "self_attn.q_proj").view(tokens, heads, head_dim)
         k = _proj(h, w, p + "self_attn.k_proj").view(tokens, kv_heads, head_dim)
         v = _proj(h, w, p + "self_attn.v_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
-        q = _rms(q, w[p + "self_attn.q_norm.weight"], eps).transpose(0, 1)
-        k = _rms(k, w[p + "self_attn.k_norm.weight"], eps).transpose(0, 1)
+        if p + "self_attn.q_norm.weight" in w:  # Qwen3 / SDAR: per-head norms before RoPE
+            q, k = (
+                _rms(q, w[p + "self_attn.q_norm.weight"], eps),
+                _rms(k, w[p + "self_attn.k_norm.weight"], eps),
+            )
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
         att = _attend(_rope(q, positions, theta), _rope(k, positions, theta), v, allowed)
         x = x + _proj(att, w, p + "self_attn.o_proj")
         h = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
@@ -104,31 +111,19 @@ def sdar_reference_logits(path: Path, ids: torch.Tensor, block_size: int) -> tor
     return x @ head.T
 
 
+def block_causal(tokens: int, block_size: int) -> torch.Tensor:
+    """``[query, key]``: a query sees its own block and every earlier one (SDAR, Fast-dLLM v2)."""
+    block = torch.arange(tokens) // block_size
+    return block.unsqueeze(1) >= block.unsqueeze(0)
+
+
+def sdar_reference_logits(path: Path, ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    return qwen_reference_logits(path, ids, block_causal(ids.shape[0], block_size))
+
+
 def dream_reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
-    """Dream (Qwen2.5 layout): biased q/k/v, no q/k norm, head_dim = hidden // heads, bidirectional.
-    Unshifted: row i is the head applied to hidden i (the engine reads position i from row i - 1)."""
-    cfg = json.loads((path / "config.json").read_text())
-    w = load_file(str(path / "model.safetensors"))
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    head_dim = cfg["hidden_size"] // heads
-    eps, theta, tokens = cfg["rms_norm_eps"], cfg["rope_theta"], ids.shape[0]
-    positions = torch.arange(tokens)
-    allowed = torch.ones(tokens, tokens, dtype=torch.bool)
-    x = w["model.embed_tokens.weight"][ids]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        h = _rms(x, w[p + "input_layernorm.weight"], eps)
-        q = _proj(h, w, p + "self_attn.q_proj").view(tokens, heads, head_dim).transpose(0, 1)
-        k = _proj(h, w, p + "self_attn.k_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
-        v = _proj(h, w, p + "self_attn.v_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
-        att = _attend(_rope(q, positions, theta), _rope(k, positions, theta), v, allowed)
-        x = x + att @ w[p + "self_attn.o_proj.weight"].T
-        h = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
-        mlp = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
-        x = x + mlp @ w[p + "mlp.down_proj.weight"].T
-    x = _rms(x, w["model.norm.weight"], eps)
-    head = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w["lm_head.weight"]
-    return x @ head.T
+    """Dream: bidirectional."""
+    return qwen_reference_logits(path, ids, torch.ones(ids.shape[0], ids.shape[0], dtype=torch.bool))
 
 
 # ---- helpers ----

@@ -7,43 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from diffulex import SamplingParams
 from diffulex.llm import LLM
 from diffulex.models import load_model, resolve_model_class
 from diffulex.models.fast_dllm_v2 import FastDLLMV2Model
 from diffulex.models.tiny_checkpoint import special_token_ids, write_tiny_checkpoint
-from tests.model_helpers import _attend, _max_rel_error, _proj, _rms, _rope
+from tests.model_helpers import _max_rel_error, block_causal, qwen_reference_logits
 
 
 def reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     """Plain forward from the official names with ``eval_block_diff_mask`` (query block >= key block).
     Unshifted: row i is the head applied to hidden i (position i is predicted from row i - 1)."""
     cfg = json.loads((path / "config.json").read_text())
-    w = load_file(str(path / "model.safetensors"))
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    head_dim = cfg["hidden_size"] // heads
-    eps, theta, tokens = cfg["rms_norm_eps"], cfg["rope_theta"], ids.shape[0]
-    positions = torch.arange(tokens)
-    block = positions // cfg["bd_size"]
-    allowed = block.unsqueeze(1) >= block.unsqueeze(0)  # [query, key]
-    x = w["model.embed_tokens.weight"][ids]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        h = _rms(x, w[p + "input_layernorm.weight"], eps)
-        q = _proj(h, w, p + "self_attn.q_proj").view(tokens, heads, head_dim).transpose(0, 1)
-        k = _proj(h, w, p + "self_attn.k_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
-        v = _proj(h, w, p + "self_attn.v_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
-        att = _attend(_rope(q, positions, theta), _rope(k, positions, theta), v, allowed)
-        x = x + att @ w[p + "self_attn.o_proj.weight"].T
-        h = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
-        mlp = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
-        x = x + mlp @ w[p + "mlp.down_proj.weight"].T
-    x = _rms(x, w["model.norm.weight"], eps)
-    head = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w["lm_head.weight"]
-    return x @ head.T
+    return qwen_reference_logits(path, ids, block_causal(ids.shape[0], cfg["bd_size"]))
 
 
 def _ids(num_tokens: int, mask_id: int) -> list[int]:
