@@ -6,6 +6,7 @@ for a layer (the MoE kernel tests)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,11 +78,24 @@ def llada_reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     return x @ head.T
 
 
-def qwen_reference_logits(path: Path, ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def swiglu_reference(h: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, cfg: dict) -> torch.Tensor:
+    """The dense Qwen MLP at ``prefix`` (``...mlp.``): ``down(silu(gate(h)) * up(h))``."""
+    return (F.silu(h @ w[prefix + "gate_proj.weight"].T) * (h @ w[prefix + "up_proj.weight"].T)) @ w[
+        prefix + "down_proj.weight"
+    ].T
+
+
+QwenMLP = Callable[[torch.Tensor, dict[str, torch.Tensor], str, dict], torch.Tensor]
+
+
+def qwen_reference_logits(
+    path: Path, ids: torch.Tensor, allowed: torch.Tensor, mlp: QwenMLP = swiglu_reference
+) -> torch.Tensor:
     """Plain forward of the Qwen layouts from the official names, attention pattern ``allowed [query,
     key]``: SDAR (Qwen3: per-head q/k RMSNorm, ``head_dim`` in the config), Dream and Fast-dLLM v2
     (Qwen2.5: biased q/k/v, ``head_dim = hidden // heads``). Unshifted: row i is the head applied to
-    hidden i (the shifted families read position i from row i - 1)."""
+    hidden i (the shifted families read position i from row i - 1). ``mlp(h, w, "model.layers.i.mlp.",
+    cfg)`` computes each layer's MLP (the MoE families pass their own)."""
     cfg = json.loads((path / "config.json").read_text())
     w = load_file(str(path / "model.safetensors"))
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -103,9 +117,7 @@ def qwen_reference_logits(path: Path, ids: torch.Tensor, allowed: torch.Tensor) 
         q, k = q.transpose(0, 1), k.transpose(0, 1)
         att = _attend(_rope(q, positions, theta), _rope(k, positions, theta), v, allowed)
         x = x + _proj(att, w, p + "self_attn.o_proj")
-        h = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
-        mlp = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
-        x = x + mlp @ w[p + "mlp.down_proj.weight"].T
+        x = x + mlp(_rms(x, w[p + "post_attention_layernorm.weight"], eps), w, p + "mlp.", cfg)
     x = _rms(x, w["model.norm.weight"], eps)
     head = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w["lm_head.weight"]
     return x @ head.T

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from diffulex import SamplingParams
@@ -16,14 +14,16 @@ from diffulex.llm import LLM
 from diffulex.models import load_model, resolve_model_class
 from diffulex.models.sdar_moe import SDARMoeForCausalLM, is_moe_layer
 from diffulex.models.tiny_checkpoint import write_tiny_checkpoint
-from tests.model_helpers import _attend, _ids, _max_rel_error, _proj, _rms, _rope, model_logits
+from tests.model_helpers import (
+    _ids,
+    _max_rel_error,
+    block_causal,
+    model_logits,
+    qwen_reference_logits,
+    swiglu_reference,
+)
 
 # ---- an independent reference: one token at a time through its top-k experts ----
-
-
-def _swiglu(h: torch.Tensor, w: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
-    gate = h @ w[prefix + "gate_proj.weight"].T
-    return (F.silu(gate) * (h @ w[prefix + "up_proj.weight"].T)) @ w[prefix + "down_proj.weight"].T
 
 
 def _moe_reference(h: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, cfg: dict) -> torch.Tensor:
@@ -34,40 +34,21 @@ def _moe_reference(h: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, cfg
         if cfg["norm_topk_prob"]:
             top_p = top_p / top_p.sum()
         for p, e in zip(top_p.tolist(), top_i.tolist()):
-            out[t] += p * _swiglu(h[t], w, f"{prefix}experts.{e}.")
+            out[t] += p * swiglu_reference(h[t], w, f"{prefix}experts.{e}.", cfg)
     return out
 
 
+def _sdar_moe_mlp(h: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, cfg: dict) -> torch.Tensor:
+    """A sparse layer where the checkpoint has a router (``mlp.gate``), else the dense SwiGLU."""
+    return (
+        _moe_reference(h, w, prefix, cfg)
+        if prefix + "gate.weight" in w
+        else swiglu_reference(h, w, prefix, cfg)
+    )
+
+
 def sdar_moe_reference_logits(path: Path, ids: torch.Tensor, block_size: int) -> torch.Tensor:
-    cfg = json.loads((path / "config.json").read_text())
-    w = load_file(str(path / "model.safetensors"))
-    heads, kv_heads, head_dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    eps, theta, tokens = cfg["rms_norm_eps"], cfg["rope_theta"], ids.shape[0]
-    positions = torch.arange(tokens)
-    block = positions // block_size
-    allowed = block.unsqueeze(0) <= block.unsqueeze(1)
-    x = w["model.embed_tokens.weight"][ids]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        h = _rms(x, w[p + "input_layernorm.weight"], eps)
-        q = _proj(h, w, p + "self_attn.q_proj").view(tokens, heads, head_dim)
-        k = _proj(h, w, p + "self_attn.k_proj").view(tokens, kv_heads, head_dim)
-        v = _proj(h, w, p + "self_attn.v_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
-        q = _rms(q, w[p + "self_attn.q_norm.weight"], eps).transpose(0, 1)
-        k = _rms(k, w[p + "self_attn.k_norm.weight"], eps).transpose(0, 1)
-        x = x + _proj(
-            _attend(_rope(q, positions, theta), _rope(k, positions, theta), v, allowed),
-            w,
-            p + "self_attn.o_proj",
-        )
-        h = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
-        if p + "mlp.gate.weight" in w:
-            x = x + _moe_reference(h, w, p + "mlp.", cfg)
-        else:
-            x = x + _swiglu(h, w, p + "mlp.")
-    x = _rms(x, w["model.norm.weight"], eps)
-    head = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w["lm_head.weight"]
-    return x @ head.T
+    return qwen_reference_logits(path, ids, block_causal(ids.shape[0], block_size), mlp=_sdar_moe_mlp)
 
 
 @pytest.mark.parametrize(
