@@ -154,18 +154,20 @@ def _subtraction(rng: random.Random) -> Example:
     return Example("subtraction", f"What is {a} minus {b}?", (str(a - b),))
 
 
-def _multiplication(rng: random.Random) -> Example:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
+def _product(a: int, b: int) -> Example:
+    """The one phrasing of a multiplication question (test and training rows alike)."""
     return Example("multiplication", f"What is {a} times {b}?", (str(a * b),))
+
+
+def _multiplication(rng: random.Random) -> Example:
+    return _product(rng.randint(10, 99), rng.randint(10, 99))
 
 
 def _multiplication_train(rng: random.Random) -> Example:
     if rng.random() >= ONE_DIGIT_FACTOR_SHARE:
         return _multiplication(rng)
     a, b = rng.randint(10, 99), rng.randint(2, 9)
-    if rng.random() < 0.5:
-        a, b = b, a
-    return Example("multiplication", f"What is {a} times {b}?", (str(a * b),))
+    return _product(b, a) if rng.random() < 0.5 else _product(a, b)
 
 
 def _copy(rng: random.Random) -> Example:
