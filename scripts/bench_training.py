@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-from diffulex.quality.checkpoint import FAMILIES, load_tokenizer, model_config, write_tokenizer_files
-from diffulex.quality.tasks import make_suite
-from diffulex.quality.trainer import TrainOptions, deterministic_algorithms, prepare
-from diffulex.quality.training import TokenizedRows, tokenize_rows
+from diffulex.quality.checkpoint import FAMILIES, write_tokenizer_files
+from diffulex.quality.trainer import TrainOptions, deterministic_algorithms, prepare, tokenized_suite
+from diffulex.quality.training import TokenizedRows
 
 
 @dataclass(frozen=True)
@@ -69,13 +68,6 @@ def parse_args() -> argparse.Namespace:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def suite_rows(family: str, size: str, train_per_task: int, scratch: Path) -> TokenizedRows:
-    """The training rows ``train_tiny.py`` would tokenize (seed 0), tokenized once per family."""
-    examples, _ = make_suite(0, train_per_task=train_per_task)
-    tokenizer = load_tokenizer(write_tokenizer_files(family, scratch / family))
-    return tokenize_rows(examples, tokenizer, family, int(model_config(family, size)["mask_token_id"]), 0)
 
 
 def time_variant(
@@ -125,19 +117,25 @@ def main() -> None:
     report: dict = {"device": "", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "runs": []}
     with tempfile.TemporaryDirectory() as scratch:
         for family in families:
-            rows = suite_rows(family, args.size, args.train_per_task, Path(scratch))
+            base = TrainOptions(
+                family=family,
+                out_dir=str(Path(scratch) / family),
+                steps=args.warmup + args.steps + args.profile_steps,
+                batch_size=args.batch_size,
+                size=args.size,
+                device=args.device,
+                train_per_task=args.train_per_task,
+            )
+            # Tokenized once per family, shared by its variants (what train_tiny.py would train on).
+            rows = tokenized_suite(base, write_tokenizer_files(family, base.out_dir))
             for name in variants:
                 variant = VARIANTS[name]
-                options = TrainOptions(
-                    family=family,
-                    out_dir=str(Path(scratch) / f"{family}-{name}"),
-                    steps=args.warmup + args.steps + args.profile_steps,
-                    batch_size=args.batch_size,
-                    size=args.size,
-                    device=args.device,
-                    train_per_task=args.train_per_task,
+                options = replace(
+                    base,
+                    out_dir=f"{base.out_dir}-{name}",
+                    compile=variant.compile,
+                    deterministic=variant.deterministic,
                 )
-                options = replace(options, compile=variant.compile, deterministic=variant.deterministic)
                 result = {"family": family, "variant": name, **time_variant(name, options, rows, args, out)}
                 report["runs"].append(result)
                 print(json.dumps(result), flush=True)

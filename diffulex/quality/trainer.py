@@ -206,6 +206,17 @@ class TrainingSession:
         return loss.detach()
 
 
+def tokenized_suite(
+    options: TrainOptions, tokenizer_dir: str | Path, examples: list[Example] | None = None
+) -> TokenizedRows:
+    """The training rows of ``options`` (its suite, or ``examples``), tokenized with the tokenizer files
+    in ``tokenizer_dir`` (``write_tokenizer_files``)."""
+    if examples is None:
+        examples, _ = make_suite(options.suite_seed, train_per_task=options.train_per_task)
+    mask_token_id = int(model_config(options.family, options.size)["mask_token_id"])
+    return tokenize_rows(examples, load_tokenizer(tokenizer_dir), options.family, mask_token_id, options.seed)
+
+
 def prepare(
     options: TrainOptions, examples: list[Example] | None = None, rows: TokenizedRows | None = None
 ) -> TrainingSession:
@@ -218,10 +229,7 @@ def prepare(
     config = model_config(options.family, options.size)
     out_dir = write_tokenizer_files(options.family, options.out_dir)
     if rows is None:
-        if examples is None:
-            examples, _ = make_suite(options.suite_seed, train_per_task=options.train_per_task)
-        tokenizer = load_tokenizer(out_dir)
-        rows = tokenize_rows(examples, tokenizer, options.family, int(config["mask_token_id"]), options.seed)
+        rows = tokenized_suite(options, out_dir, examples)
     rows = rows.to(device)
     model = TinyDiffusionLM(config).to(device)
     # Inductor fuses the norms, RoPE, SwiGLU and the loss's elementwise work: the tiny model's step is
@@ -321,6 +329,7 @@ __all__ = [
     "deterministic_algorithms",
     "prepare",
     "resolve_device",
+    "tokenized_suite",
     "steps_for_budget",
     "train",
 ]
