@@ -17,7 +17,7 @@ to within one bf16 ulp.
 from __future__ import annotations
 
 import torch
-from diffulex.kernels.fused_ops import _need_triton, _rows
+from diffulex.kernels.fused_ops import as_rows, need_triton
 
 try:
     import triton
@@ -117,19 +117,19 @@ def _rms_norm_launch(
     eps: float,
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    _need_triton()
+    need_triton()
     d = x.shape[-1]
     if weight.shape != (d,) or (bias is not None and bias.shape != (d,)):
         raise ValueError(f"weight/bias must be [{d}], got {tuple(weight.shape)}")
     shape = x.shape
-    x2 = _rows(x)
+    x2 = as_rows(x)
     new_residual = res2 = res_out = None
     input_dtype = x.dtype
     if residual is not None:
         if residual.shape != shape:
             raise ValueError(f"residual {tuple(residual.shape)} does not match x {tuple(shape)}")
         input_dtype = torch.promote_types(x.dtype, residual.dtype)
-        res2 = _rows(residual)
+        res2 = as_rows(residual)
         new_residual = torch.empty(shape, dtype=input_dtype, device=x.device)
         res_out = new_residual.view(-1, d)
     out_dtype = torch.promote_types(weight.dtype, input_dtype)

@@ -11,7 +11,7 @@ tensors); the kernels follow the same order of operations and roundings:
 * SiLU-mul: ``silu(gate)`` in float32 rounded to the gate dtype, then multiplied by ``up`` (rounded).
 
 Only the transcendental implementations differ from torch, so fp32 results agree to ~1e-6 and bf16
-results to within one bf16 ulp. The wrapper helpers (``_need_triton``, ``_rows``) are shared with
+results to within one bf16 ulp. The wrapper helpers (``need_triton``, ``as_rows``) are shared with
 :mod:`diffulex.kernels.fused_norm`.
 """
 
@@ -202,12 +202,12 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _need_triton() -> None:
+def need_triton() -> None:
     if triton is None:
         raise RuntimeError("the fused Triton ops need triton")
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def as_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``[rows, last]`` with a unit column stride (a view where possible)."""
     if x.dim() == 0 or x.stride(-1) != 1:
         x = x.contiguous()
@@ -228,7 +228,7 @@ def rope_triton(
     ``inv_freq`` (float32, ``[rotary_dim / 2]``) defaults to ``base ** (-2i / rotary_dim)``. One program
     per (token, block of ``block_heads`` q or k heads); ``block_heads`` defaults to 8.
     """
-    _need_triton()
+    need_triton()
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q [T, H, D] and k [T, KVH, D] expected, got {tuple(q.shape)}, {tuple(k.shape)}")
     num_tokens, num_heads, head_dim = q.shape
@@ -282,12 +282,12 @@ def rope_triton(
 
 def silu_and_mul_triton(gate: torch.Tensor, up: torch.Tensor, block_n: int = 1024) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate``/``up`` of one shape ``[..., N]`` (rows may be strided)."""
-    _need_triton()
+    need_triton()
     if gate.shape != up.shape:
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
     n = gate.shape[-1]
     out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
-    g2, u2 = _rows(gate), _rows(up)
+    g2, u2 = as_rows(gate), as_rows(up)
     rows = g2.shape[0]
     if rows == 0 or n == 0:
         return out

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu_models import LLADA_8B  # noqa: E402
 
 from diffulex.models.tiny_checkpoint import special_token_ids  # noqa: E402
-from diffulex.models.tiny_layouts import _CONFIGS, _TENSOR_SHAPES  # noqa: E402
+from diffulex.models.tiny_layouts import CONFIGS, TENSOR_SHAPES  # noqa: E402
 
 LLADA2_MINI = {
     "hidden_size": 2048,
@@ -82,8 +82,8 @@ BLOCK = 32
 # ----- checkpoints -------------------------------------------------------------------------------------------
 def model_configs(smoke: bool) -> dict[str, dict[str, Any]]:
     """``{"dense": config.json, "moe": config.json}``: tiny_layouts' official field sets, full sizes."""
-    dense = _CONFIGS["llada"](special_token_ids("llada")) | LLADA_8B | {"torch_dtype": "bfloat16"}
-    moe = _CONFIGS["llada2_moe"](special_token_ids("llada2_moe")) | LLADA2_MINI
+    dense = CONFIGS["llada"](special_token_ids("llada")) | LLADA_8B | {"torch_dtype": "bfloat16"}
+    moe = CONFIGS["llada2_moe"](special_token_ids("llada2_moe")) | LLADA2_MINI
     if smoke:
         dense |= TINY_DENSE
         moe |= TINY_MOE
@@ -120,7 +120,7 @@ def write_checkpoint(family: str, config: dict[str, Any], folder: Path, device: 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shapes = _TENSOR_SHAPES[family](config)
+    shapes = TENSOR_SHAPES[family](config)
     start = time.perf_counter()
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffulex.llm import LLM
-from diffulex.models.tiny_layouts import _llada_tensor_shapes, _sdar_tensor_shapes
+from diffulex.models.tiny_layouts import llada_tensor_shapes, sdar_tensor_shapes
 from diffulex.quality.checkpoint import (
     SDAR_BLOCK_SIZE,
     encode_prompts,
@@ -26,7 +26,7 @@ from diffulex.quality.tasks import README_DEMO_PROMPT, Example, make_suite
 from diffulex.quality.train_model import TinyDiffusionLM
 from diffulex.quality.training import BATCH_BUILDERS, diffusion_loss, tokenize_rows
 
-TENSOR_SHAPES = {"llada": _llada_tensor_shapes, "sdar": _sdar_tensor_shapes}
+TENSOR_SHAPES = {"llada": llada_tensor_shapes, "sdar": sdar_tensor_shapes}
 
 
 # ----- training model == engine model ---------------------------------------------------------------------

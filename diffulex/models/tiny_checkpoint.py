@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from diffulex.models.tiny_layouts import _CONFIGS, _TENSOR_SHAPES, _generation_config
+from diffulex.models.tiny_layouts import CONFIGS, TENSOR_SHAPES, generation_config
 
 FAMILIES = ("llada", "sdar", "dream", "sdar_moe", "llada2_moe", "fast_dllm_v2")
 CHARACTERS = ["\t", "\n", *[chr(code) for code in range(32, 127)]]  # ids 0..96
@@ -108,7 +108,7 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, shards: 
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_tokenizer(family: str, vocab_size: int, ids: dict[str, int], out_dir: Path) -> None:
+def write_tokenizer(family: str, vocab_size: int, ids: dict[str, int], out_dir: Path) -> None:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     specials = list(ids)
@@ -168,7 +168,7 @@ def write_tiny_checkpoint(
     ``model-0000k-of-0000N.safetensors`` files and ``model.safetensors.index.json``.
     """
     ids = special_token_ids(family)
-    config = _CONFIGS[family](ids) | config_overrides
+    config = CONFIGS[family](ids) | config_overrides
     vocab_key = "embedding_size" if family == "llada" and config.get("embedding_size") else "vocab_size"
     needed = len(CHARACTERS) + len(ids)
     if config[vocab_key] < needed:
@@ -176,14 +176,14 @@ def write_tiny_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(_generation_config(family, ids), indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation_config(family, ids), indent=2) + "\n")
 
-    shapes = _TENSOR_SHAPES[family](config)
+    shapes = TENSOR_SHAPES[family](config)
     generator = torch.Generator().manual_seed(seed)
     tensors = {name: _random_tensor(name, shape, generator) for name, shape in shapes.items()}
     _write_safetensors(tensors, out, shards)
     if with_tokenizer:
-        _write_tokenizer(family, config[vocab_key], ids, out)
+        write_tokenizer(family, config[vocab_key], ids, out)
     return out
 
 

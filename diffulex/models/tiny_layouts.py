@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def _llada_config(ids: dict[str, int]) -> dict[str, Any]:
+def llada_config(ids: dict[str, int]) -> dict[str, Any]:
     return {
         "architectures": ["LLaDAModelLM"],
         "model_type": "llada",
@@ -52,7 +52,7 @@ def _llada_config(ids: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def _sdar_config(ids: dict[str, int]) -> dict[str, Any]:
+def sdar_config(ids: dict[str, int]) -> dict[str, Any]:
     return {
         "architectures": ["SDARForCausalLM"],
         "model_type": "sdar",
@@ -82,7 +82,7 @@ def _sdar_config(ids: dict[str, int]) -> dict[str, Any]:
 
 def _sdar_moe_config(ids: dict[str, int]) -> dict[str, Any]:
     # Field names of JetAstra/SDAR-30B-A3B-Chat's config.json (Qwen3-MoE's): 4 experts, top-2, tiny sizes.
-    return _sdar_config(ids) | {
+    return sdar_config(ids) | {
         "architectures": ["SDARMoeForCausalLM"],
         "model_type": "sdar_moe",
         "decoder_sparse_step": 1,
@@ -177,7 +177,7 @@ def _fast_dllm_v2_config(ids: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def _generation_config(family: str, ids: dict[str, int]) -> dict[str, Any]:
+def generation_config(family: str, ids: dict[str, int]) -> dict[str, Any]:
     if family == "llada":
         eos, bos = [ids["<|endoftext|>"], ids["<|eot_id|>"]], ids["<|startoftext|>"]
     elif family == "dream":
@@ -189,7 +189,7 @@ def _generation_config(family: str, ids: dict[str, int]) -> dict[str, Any]:
     return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": ids["<|endoftext|>"]}
 
 
-def _llada_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def llada_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     d_model, heads = cfg["d_model"], cfg["n_heads"]
     kv_dim = (cfg["n_kv_heads"] or heads) * (d_model // heads)
     mlp, vocab = cfg["mlp_hidden_size"], cfg["embedding_size"] or cfg["vocab_size"]
@@ -219,7 +219,7 @@ def _llada_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _sdar_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def sdar_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     hidden, head_dim, vocab = cfg["hidden_size"], cfg["head_dim"], cfg["vocab_size"]
     q_dim, kv_dim = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
     mlp = cfg["intermediate_size"]
@@ -255,7 +255,7 @@ def _sdar_moe_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
     hidden, experts, moe = cfg["hidden_size"], cfg["num_experts"], cfg["moe_intermediate_size"]
     shapes: dict[str, tuple[int, ...]] = {}
-    for name, shape in _sdar_tensor_shapes(cfg).items():
+    for name, shape in sdar_tensor_shapes(cfg).items():
         parts = name.split(".")
         if len(parts) > 3 and parts[3] == "mlp" and is_moe_layer(cfg, int(parts[2])):
             if parts[4] != "gate_proj":
@@ -346,17 +346,17 @@ def _dream_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-_CONFIGS = {
-    "llada": _llada_config,
-    "sdar": _sdar_config,
+CONFIGS = {
+    "llada": llada_config,
+    "sdar": sdar_config,
     "dream": _dream_config,
     "sdar_moe": _sdar_moe_config,
     "llada2_moe": _llada2_moe_config,
     "fast_dllm_v2": _fast_dllm_v2_config,
 }
-_TENSOR_SHAPES = {
-    "llada": _llada_tensor_shapes,
-    "sdar": _sdar_tensor_shapes,
+TENSOR_SHAPES = {
+    "llada": llada_tensor_shapes,
+    "sdar": sdar_tensor_shapes,
     "dream": _dream_tensor_shapes,
     "sdar_moe": _sdar_moe_tensor_shapes,
     "llada2_moe": _llada2_moe_tensor_shapes,

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from diffulex.models.tiny_checkpoint import CHARACTERS, _write_tokenizer, special_token_ids
-from diffulex.models.tiny_layouts import _generation_config, _llada_config, _sdar_config
+from diffulex.models.tiny_checkpoint import CHARACTERS, special_token_ids, write_tokenizer
+from diffulex.models.tiny_layouts import generation_config, llada_config, sdar_config
 
 FAMILIES = ("llada", "sdar")
 END_OF_TURN = {"llada": "<|eot_id|>", "sdar": "<|im_end|>"}
@@ -74,7 +74,7 @@ def model_config(family: str, size: str = "default") -> dict[str, Any]:
         raise ValueError(f"unknown model size {size!r}; sizes: {', '.join(SIZES)}")
     dims, ids, vocab = SIZES[size], special_token_ids(check_family(family)), vocab_size(family)
     if family == "llada":
-        return _llada_config(ids) | {
+        return llada_config(ids) | {
             "d_model": dims.hidden,
             "n_layers": dims.layers,
             "n_heads": dims.heads,
@@ -86,7 +86,7 @@ def model_config(family: str, size: str = "default") -> dict[str, Any]:
             "max_sequence_length": MAX_CONTEXT,
             "torch_dtype": "bfloat16",
         }
-    return _sdar_config(ids) | {
+    return sdar_config(ids) | {
         "hidden_size": dims.hidden,
         "num_hidden_layers": dims.layers,
         "num_attention_heads": dims.heads,
@@ -109,7 +109,7 @@ def write_tokenizer_files(family: str, out_dir: str | Path) -> Path:
     """``tokenizer.json`` + ``tokenizer_config.json`` (with the chat template) into ``out_dir`` (created)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_tokenizer(family, vocab_size(family), special_token_ids(family), out)
+    write_tokenizer(family, vocab_size(family), special_token_ids(family), out)
     return out
 
 
@@ -128,7 +128,7 @@ def write_checkpoint(
     family = family_of(config)
     out = write_tokenizer_files(family, out_dir)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = _generation_config(family, special_token_ids(family))
+    generation = generation_config(family, special_token_ids(family))
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in state_dict.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
