@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch._inductor.config as inductor
 
 from diffulex.quality.checkpoint import load_tokenizer, model_config, write_checkpoint, write_tokenizer_files
 from diffulex.quality.tasks import Example, make_suite
@@ -139,6 +138,10 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
+    # Imported here: loading torch._inductor costs ~1.4 s, which every importer of this module (scripts'
+    # --help, the engine-side tests) would otherwise pay up front.
+    import torch._inductor.config as inductor
+
     previous = torch.are_deterministic_algorithms_enabled()
     previous_inductor = inductor.deterministic
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
