@@ -44,8 +44,6 @@ def _skinny_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    USE_PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel (sm_90+)
-    PREFETCH_K: tl.constexpr,  # weight columns per row warmed into L2 before waiting on that kernel
 ):
     tile_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -58,23 +56,6 @@ def _skinny_gemm_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    if PREFETCH_K > 0:
-        # The weight does not depend on the kernel before this one: start reading it while that kernel
-        # still runs (one bulk L2 prefetch per weight row of this program's slab).
-        prefetch_bytes = (tl.minimum(k_hi - k_lo, PREFETCH_K) * 2).to(tl.int32)  # K is a multiple of 8
-        row_start = (w_ptr + offs_n.to(tl.int64) * stride_wn + k_lo).to(tl.pointer_type(tl.uint8))
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; "
-            "@p cp.async.bulk.prefetch.L2.global [$1], $3; mov.b32 $0, 0; }",
-            "=r,l,r,r",
-            [row_start, n_valid.to(tl.int32), tl.zeros([BLOCK_N], tl.int32) + prefetch_bytes],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()  # x is written by the previous kernel
-        tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
         k_valid = (k + offs_k) < k_hi
@@ -136,8 +117,6 @@ def skinny_gemm_triton(
     split_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    pdl: bool = False,
-    prefetch_k: int = 0,
 ) -> torch.Tensor:
     """``x [M, K] @ weight[N, K].T`` for M <= ``MAX_ROWS`` (see module docstring); tiles default to
     :func:`default_config` and can be overridden one by one."""
@@ -182,11 +161,8 @@ def skinny_gemm_triton(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         SPLIT_K=split_k,
-        USE_PDL=pdl,
-        PREFETCH_K=min(prefetch_k, k_per_split) if pdl else 0,
         num_warps=num_warps,
         num_stages=num_stages,
-        **({"launch_pdl": True} if pdl else {}),
     )
     return out
 

@@ -76,13 +76,21 @@ def test_skinny_gemm_rejects_bad_shapes() -> None:
         skinny_gemm_triton(torch.zeros(MAX_ROWS + 1, 8), torch.zeros(4, 8))
 
 
-def test_default_config_fills_the_gpu() -> None:
+def test_default_config_follows_the_sweep() -> None:
+    """The rule picks the measured-best column tile and split of the H200 sweep for each 8B projection."""
     from diffulex.kernels.skinny_gemm import default_config
 
-    for n, k in ((12288, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (126464, 4096)):
+    expected = {  # (n, k): (block_n, split_k)
+        (4096, 4096): (32, 1),
+        (4096, 12288): (32, 2),
+        (24576, 4096): (64, 1),
+        (126464, 4096): (128, 1),
+        (12288, 4096): (32, 1),
+    }
+    for (n, k), (block_n, split_k) in expected.items():
         config = default_config(32, n, k, sm_count=132)
-        programs = -(-n // config["block_n"]) * config["split_k"]
-        assert programs >= 4 * 132 or k // config["split_k"] < 8 * config["block_k"], (n, k, config)
+        assert (config["block_n"], config["split_k"]) == (block_n, split_k), (n, k, config)
+    assert default_config(32, 64, 64)["split_k"] == 1  # tiny shapes never split
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------

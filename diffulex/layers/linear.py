@@ -23,6 +23,39 @@ from torch import nn
 from diffulex.layers.parallel_state import HeadSplit, all_reduce, divide, get_parallel_state
 
 ROW_TILE = 16  # rows per tile of the 3-D matmul; the padding overhead is at most ROW_TILE - 1 rows
+# At most this many rows (one 32-token denoise block) take the Triton skinny GEMMs on the GPU
+# (diffulex.kernels.skinny_gemm*): they stream the weight faster than cuBLAS at these sizes
+# (docs/perf-notes.md, 2026-11-24); more rows go to cuBLAS.
+SKINNY_ROWS = 32
+# Larger weights (an LM head: 126,464 x 4,096) stream as fast through cuBLAS (252 vs 255 us, H200).
+SKINNY_MAX_WEIGHT_ROWS = 32768
+_skinny_enabled = True
+
+
+def set_skinny_gemms(enabled: bool) -> None:
+    """Switch the GPU's skinny-GEMM path on (the default) or off (cuBLAS and separate elementwise
+    kernels everywhere: the A/B switch of the benchmarks). Takes effect for GEMMs issued afterwards
+    (a captured CUDA graph keeps the kernels it was captured with)."""
+    global _skinny_enabled
+    _skinny_enabled = bool(enabled)
+
+
+def skinny_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether ``x @ weight.T`` takes the Triton skinny GEMMs: a CUDA bf16/fp16 ``[rows, in]`` input of at
+    most ``SKINNY_ROWS`` rows, a contiguous weight of the same dtype and at most
+    ``SKINNY_MAX_WEIGHT_ROWS`` rows, no bias, the path switched on."""
+    return (
+        _skinny_enabled
+        and bias is None
+        and x.is_cuda
+        and x.dim() == 2
+        and 0 < x.shape[0] <= SKINNY_ROWS
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and x.stride(-1) == 1
+        and weight.is_contiguous()
+        and weight.shape[0] <= SKINNY_MAX_WEIGHT_ROWS
+    )
 
 
 def batch_invariant_linear(
@@ -34,8 +67,12 @@ def batch_invariant_linear(
     ``[num_tiles, ROW_TILE, in] @ [in, out]`` matmul; the padding rows are dropped from the result.
     """
     if x.is_cuda:
-        # On the GPU one plain GEMM reads each weight once (the step is bound by weight reads); cuBLAS
-        # batch invariance is not claimed yet.
+        # On the GPU one plain GEMM reads each weight once (the step is bound by weight reads); batch
+        # invariance is not claimed there yet.
+        if skinny_eligible(x, weight, bias):
+            from diffulex.kernels.skinny_gemm import skinny_gemm_triton
+
+            return skinny_gemm_triton(x, weight)
         return torch.nn.functional.linear(x, weight, bias)
     in_features = x.shape[-1]
     leading_shape = x.shape[:-1]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffulex.layers.activation import silu_and_mul
 from diffulex.layers.attention import Attention
+from diffulex.layers.fused_projections import gate_up_silu
 from diffulex.layers.linear import MergedLinear, RowParallelLinear, qkv_linear
 from diffulex.layers.norm import RMSNorm
 from diffulex.layers.parallel_state import split_heads
@@ -34,7 +34,7 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, reduce=reduce)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(*self.gate_up_proj(hidden)))
+        return self.down_proj(gate_up_silu(self.gate_up_proj, hidden))
 
 
 class QwenAttention(nn.Module):

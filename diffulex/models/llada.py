@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffulex.layers.activation import silu_and_mul
 from diffulex.layers.attention import Attention
+from diffulex.layers.fused_projections import gate_up_silu, qkv_rope
 from diffulex.layers.linear import MergedLinear, RowParallelLinear, UnmergedView, qkv_linear
 from diffulex.layers.norm import RMSNorm
 from diffulex.layers.parallel_state import split_heads
@@ -103,14 +103,18 @@ class LLaDABlock(nn.Module):
             residual, normed = hidden, self.attn_norm(hidden)
         else:
             normed, residual = self.attn_norm(hidden, residual)
-        query, key, value = self.qkv_proj(normed)  # column views of one [T, q + 2 kv] result
-        query = query.view(num_tokens, self.num_heads, self.head_dim)
-        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
-        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        query, key = self.rotary_emb(positions, query, key)
+        query, key, value = qkv_rope(
+            self.qkv_proj,
+            self.rotary_emb,
+            positions,
+            normed,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
         attended = self.attn(query, key, value).reshape(num_tokens, self.num_heads * self.head_dim)
         normed, residual = self.ff_norm(self.attn_out(attended), residual)
-        return self.ff_out(silu_and_mul(*self.gate_up_proj(normed))), residual
+        return self.ff_out(gate_up_silu(self.gate_up_proj, normed)), residual
 
 
 class LLaDAModel(nn.Module):
