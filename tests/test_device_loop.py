@@ -46,6 +46,24 @@ def test_device_unmasker_equals_host_rules_with_ties() -> None:
                 start += n
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_unmasker_never_waits_for_the_gpu() -> None:
+    """The loop's point is that the host enqueues every iteration without waiting: a synchronising op in
+    ``select`` (a host scalar copied in, a data-dependent shape) made the GPU idle ~0.4 ms per forward."""
+    rows, iterations = [32, 32], 8
+    unmasker = DeviceUnmasker(rows, [[4, 4]] * iterations, [None, 0.5], torch.device("cuda"))
+    confidences = [torch.rand(sum(rows), device="cuda") for _ in range(iterations)]
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        chosen = [unmasker.select(confidences[k], k) for k in range(iterations)]
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert int(torch.stack(chosen).sum()) == 64  # every row accepted once over the 8 iterations
+
+
 PROMPTS = [[5, 9, 13], [7] * 11, [3, 4, 5, 6, 7, 8, 9, 10, 11]]
 
 

@@ -70,6 +70,7 @@ class DeviceUnmasker:
         # A scatter, not boolean indexing: no host sync. Padding lands on the sentinel row (dropped).
         chosen = torch.zeros(self.num_rows + 1, dtype=torch.bool, device=self.masked.device)
         chosen.scatter_(0, self.pad_index.reshape(-1), chosen_padded.reshape(-1))
-        chosen[-1] = False
+        # The sentinel may come back chosen: it is dropped below, and masked[-1] stays False under &=.
+        # (Clearing it with `chosen[-1] = False` copied a host scalar: a sync every iteration.)
         self.masked &= ~chosen
         return chosen[: self.num_rows]
