@@ -31,7 +31,10 @@ can be fed the kernel's own noise. u lies in [0, 1 − 2⁻²⁴] (never 1, so n
 −inf score (that token is not drawn).
 
 Edge cases: a row whose logits are all −inf (or all masked) yields id 0 and a non-finite confidence
-(the torch softmax would give NaN there too); NaN / +inf logits are not supported.
+(the torch softmax would give NaN there too). A row with a NaN logit gets a NaN confidence whatever the
+policy (its id is unspecified), as the torch softmax gives for every non-``random`` policy: a caller
+detects a broken forward from the ``[N]`` confidences instead of scanning ``[N, V]`` logits again.
++inf logits are not supported.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ if triton is not None:
         idx = tl.full((), 0, tl.int32)  # index of the running max (first on ties)
         s = tl.full((), 0.0, tl.float32)  # Σ exp(x − m)
         t = tl.full((), 0.0, tl.float32)  # Σ exp(x − m)·(x − m)
+        nans = tl.full((), 0, tl.int32)  # NaN logits seen
         if SAMPLE:
             seed = tl.load(seeds_ptr + row)
             stream = tl.load(streams_ptr + row)
@@ -110,6 +114,7 @@ if triton is not None:
             offs = start + lanes
             valid = (offs < V) & (offs != mask_token_id)
             x = tl.load(row_ptr + offs, mask=valid, other=neg_inf).to(tl.float32)
+            nans += tl.sum((x != x).to(tl.int32), 0)
 
             if SAMPLE:
                 u = _noise_uniforms(seed, stream, offs)
@@ -161,6 +166,7 @@ if triton is not None:
             conf = t / s - tl.log(s)
         else:
             conf = tl.rand(seed ^ 0x5EED, stream << 32)
+        conf = tl.where(nans > 0, float("nan"), conf)
         if SAMPLE:
             tl.store(ids_ptr + row, pick.to(tl.int64))
         else:

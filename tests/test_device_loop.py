@@ -64,6 +64,48 @@ def test_device_unmasker_never_waits_for_the_gpu() -> None:
     assert int(torch.stack(chosen).sum()) == 64  # every row accepted once over the 8 iterations
 
 
+def test_device_loop_flags_a_nan_forward_for_that_sequence_and_iteration() -> None:
+    """A NaN logit shows up as a NaN confidence, which marks exactly that sequence of that iteration."""
+    from diffulex.engine.denoise_loop import run_denoise_loop, write_rows
+    from diffulex.sampling.confidence import sample_tokens
+    from diffulex.step import SampleSpec, SequencePlan, StepPlan
+
+    mask, vocab, iterations = 99, 100, 4
+    sequences = [
+        SequencePlan(
+            request_id=name,
+            token_ids=[mask] * 4,
+            positions=list(range(4)),
+            block_ids=[0] * 4,
+            sample_indices=[0, 1, 2, 3],
+            loop_counts=(1, 1, 1, 1),
+        )
+        for name in ("a", "b")
+    ]
+    plan = StepPlan.pack(sequences, [[0], [1]], page_size=4)
+    calls = []
+
+    def compute_logits(hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(len(calls)))
+        if len(calls) == 2:
+            logits[5, 17] = float("nan")  # a row of sequence "b", third iteration
+        calls.append(None)
+        return logits
+
+    out = run_denoise_loop(
+        plan,
+        iterations,
+        forward=lambda: torch.zeros(8, 4),
+        compute_logits=compute_logits,
+        sample=lambda logits: sample_tokens(logits, SampleSpec(), mask),
+        tokens=torch.from_numpy(plan.input_ids.copy()),
+        token_rows=torch.from_numpy(write_rows(plan)),
+    )
+    per_iteration = [out.sequences, *out.iterations]
+    failed = [[seq.failed for seq in outputs] for outputs in per_iteration]
+    assert failed == [[False, False], [False, False], [False, True], [False, False]]
+
+
 PROMPTS = [[5, 9, 13], [7] * 11, [3, 4, 5, 6, 7, 8, 9, 10, 11]]
 
 

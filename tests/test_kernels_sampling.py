@@ -115,6 +115,11 @@ def _build_cases() -> dict[str, dict]:
     x = _logits(5, 100, 400)
     x[0] = -INF
     cases["all-inf-row"] = dict(logits=x, mask=_mask_id(100), policy="probability", block_v=32, kind="ids")
+    # A NaN logit (a broken forward) in row 2, in the second tile: that row's confidence is NaN.
+    for policy in POLICIES:
+        x = _logits(5, 100, 401)
+        x[2, 40] = float("nan")
+        cases[f"nan-row-{policy}"] = dict(logits=x, mask=_mask_id(100), policy=policy, block_v=32, kind="nan")
     return cases
 
 
@@ -180,6 +185,9 @@ def test_kernel_matches_references(name: str, kernel_out: dict) -> None:
         ref_ids, ref_conf = greedy_confidence_reference(case["logits"], case["mask"], case["policy"])
         assert torch.equal(ids, ref_ids)
         torch.testing.assert_close(conf, ref_conf, rtol=1e-5, atol=1e-8)
+    elif case["kind"] == "nan":  # the NaN row is checked by test_nan_logit_gives_nan_confidence
+        rows = [0, 1, 3, 4]
+        _check_fp32(dict(case, logits=case["logits"][rows]), ids[rows], conf[rows])
     else:
         x = case["logits"].clone()
         x[:, case["mask"]] = -INF
@@ -205,6 +213,16 @@ def test_special_rows(vocab: int, kernel_out: dict) -> None:
             assert ids[2].item() != mask
             assert ids[4].item() == vocab - 5
             torch.testing.assert_close(conf[4].item(), float(expected), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_nan_logit_gives_nan_confidence(policy: str, kernel_out: dict) -> None:
+    """The device loop flags a broken forward from the confidences alone: kernel and torch agree."""
+    case = CASES[f"nan-row-{policy}"]
+    ids, conf = kernel_out[f"nan-row-{policy}"]
+    assert torch.isnan(conf[2]) and torch.isfinite(conf[[0, 1, 3, 4]]).all()
+    _, torch_conf = sample_tokens(case["logits"], SampleSpec(policy=policy), case["mask"])
+    assert torch.isnan(torch_conf[2]) and torch.isfinite(torch_conf[[0, 1, 3, 4]]).all()
 
 
 def test_reference_matches_sample_tokens() -> None:

@@ -75,7 +75,8 @@ def run_denoise_loop(
     """Run ``iterations`` denoise iterations; return the first as ``sequences``, the rest as ``iterations``.
 
     ``forward()`` runs the trunk over the current query tokens and returns the hidden states of the
-    sampled rows; ``sample(logits)`` gives greedy ids and confidences; ``tokens[token_rows]`` are the
+    sampled rows; ``sample(logits)`` gives greedy ids and confidences (NaN for a row with a NaN logit, as
+    the fused kernel and the torch softmax give); ``tokens[token_rows]`` are the
     query tokens of the sampled positions, rewritten in place with the accepted ids between forwards.
     ``share_tokens(tokens)`` runs after each rewrite: tensor parallel, it broadcasts them to the worker
     ranks (on the device, no host sync), whose next forward needs them (``ModelRunner.follow_loop``).
@@ -93,7 +94,7 @@ def run_denoise_loop(
         tokens[token_rows] = torch.where(accepted, ids, tokens[token_rows])
         if share_tokens is not None:
             share_tokens(tokens)
-        bad = torch.isnan(logits).any(dim=-1)
+        bad = torch.isnan(confidences)  # a NaN logit gives a NaN confidence (greedy, non-random policy)
         # One float64 row per field: ids (< 2**53, exact), confidence, accepted, NaN flag.
         records.append(torch.stack([ids.double(), confidences.double(), accepted.double(), bad.double()]))
     host = torch.stack(records).cpu().numpy()  # the only sync: [iterations, 4, rows]
