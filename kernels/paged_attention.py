@@ -105,7 +105,6 @@ def paged_attention_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     num_splits: int | None = None,
-    slot_mapping: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of packed query tokens over their paged context plus their own K/V (see module doc).
 
@@ -120,11 +119,6 @@ def paged_attention_triton(
     ``num_splits`` (default :func:`choose_num_splits` of the grid and the device's SM count) splits each
     sequence's key range (context then own keys) into that many chunks, one program each, writing fp32
     partials to scratch that a second kernel combines (split-KV / flash-decoding); 1 is the unsplit path.
-
-    ``slot_mapping`` (int ``[T]``, -1 = not stored; needs the caches) also writes each token's K/V into
-    its flat cache slot, as :func:`store_kv_triton` would before the call (one launch fewer per layer).
-    The step's queries never read those slots as context: a token is stored by the program that already
-    loaded it as one of its own keys.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
@@ -175,11 +169,6 @@ def paged_attention_triton(
     else:
         part_acc = part_ml = out  # unused
 
-    store = slot_mapping is not None and k_cache is not None and v_cache is not None
-    if store and slot_mapping.shape != (num_tokens,):
-        raise ValueError(
-            f"slot_mapping must have one slot per token ({num_tokens}), got {tuple(slot_mapping.shape)}"
-        )
     grid = (num_heads, num_tiles_m * num_splits, num_seqs)
     _paged_attention_kernel[grid](
         query,
@@ -195,7 +184,6 @@ def paged_attention_triton(
         context_lens,
         context_holes,
         page_tables,
-        slot_mapping if store else block_ids,  # unused without STORE
         float(scale) * _LOG2E,
         query.stride(0),
         query.stride(1),
@@ -217,7 +205,6 @@ def paged_attention_triton(
         BLOCK_D=block_d,
         DOT_PRECISION=dot_precision,
         NUM_SPLITS=num_splits,
-        STORE=store,
         num_warps=num_warps,
         num_stages=num_stages,
     )

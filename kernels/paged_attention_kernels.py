@@ -45,7 +45,6 @@ def _paged_attention_kernel(
     context_lens_ptr,
     holes_ptr,
     page_tables_ptr,
-    slot_ptr,  # STORE: [T] flat cache slot of each token's K/V (-1: not stored)
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     stride_qt,
     stride_qh,
@@ -72,7 +71,6 @@ def _paged_attention_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    STORE: tl.constexpr,  # also write the step's K/V into the cache (slot_ptr)
 ):
     head = tl.program_id(0)
     tile_m = tl.program_id(1) // NUM_SPLITS
@@ -181,26 +179,6 @@ def _paged_attention_kernel(
             mask=n_load[:, None] & d_valid[None, :],
             other=0.0,
         ).to(q.dtype)
-        if STORE:
-            # Each token's K/V is written once per kv head: by the first query head of its group, in the
-            # query tile that holds the token itself (that tile always loads it: its own block id is
-            # <= the tile's largest). No query of this step reads these slots as context.
-            if head % GROUP == 0:
-                in_tile = (idx >= tile_m * BLOCK_M) & (idx < (tile_m + 1) * BLOCK_M)
-                slots = tl.load(slot_ptr + tok_n, mask=n_valid & in_tile, other=-1).to(tl.int64)
-                stored = slots >= 0
-                page_rows = (slots // PAGE_SIZE) * stride_kcp + (slots % PAGE_SIZE) * stride_kcr
-                tl.store(
-                    k_cache_ptr + page_rows[None, :] + kv_head * stride_kch + offs_d[:, None],
-                    kt.to(k_cache_ptr.dtype.element_ty),
-                    mask=stored[None, :] & d_valid[:, None],
-                )
-                page_rows = (slots // PAGE_SIZE) * stride_vcp + (slots % PAGE_SIZE) * stride_vcr
-                tl.store(
-                    v_cache_ptr + page_rows[:, None] + kv_head * stride_vch + offs_d[None, :],
-                    v.to(v_cache_ptr.dtype.element_ty),
-                    mask=stored[:, None] & d_valid[None, :],
-                )
         visible = n_load[None, :] & (k_ids[None, :] <= q_ids[:, None])
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(visible, s, float("-inf"))

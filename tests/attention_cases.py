@@ -255,54 +255,16 @@ def _store_kv_error(dtype: torch.dtype, cache_dtype: torch.dtype, device: str) -
     return max((a.float() - b.float()).abs().max().item() for a, b in zip(caches, expected))
 
 
-STORE_CASES = (
-    "gqa_kv1",
-    "multi_tile_queries_and_keys",
-    "strided_qkv",
-    "long_context_holes_across_splits",
-    "padding_int32_ids",
-)
-
-
-def store_in_attention_error(case: Case, num_splits: int, device: str = "cpu") -> float:
-    """``paged_attention_triton(..., slot_mapping=...)`` against ``store_kv_reference`` then the reference
-    attention: every other own token of each sequence is stored into the spare pages (which no query
-    reads). Returns the max abs error over the outputs and both caches."""
-    data = build_case(case, torch.float32, device, seed=5)
-    owned = set(data["page_tables"][data["page_tables"] >= 0].tolist())
-    spare = [page for page in range(data["k_cache"].shape[0]) if page not in owned]
-    free_slots = [page * case.page_size + row for page in spare for row in range(case.page_size)]
-    slots = torch.full((data["cu"][-1],), -1, dtype=torch.int64)
-    stored = list(range(0, data["cu"][-1], 2))[: len(free_slots)]
-    slots[stored] = torch.tensor(free_slots[: len(stored)])
-    slots = slots.to(device)
-    expected = [data["k_cache"].clone(), data["v_cache"].clone()]
-    store_kv_reference(data["key"], data["value"], expected[0], expected[1], slots)
-    ref = run_reference(data)
-    got = run_kernel(data, slot_mapping=slots, **split_kwargs(case, num_splits))
-    rows = _real_rows(data)
-    errors = [(got[rows] - ref[rows]).abs().max().item()]
-    errors += [(a - b).abs().max().item() for a, b in zip((data["k_cache"], data["v_cache"]), expected)]
-    return max(errors)
-
-
 def run_cpu_checks(shard: int = 0, num_shards: int = 1) -> dict[str, float | str]:
     """The CPU checks of one shard (every ``num_shards``-th, from ``shard``) under the interpreter: name
     -> max abs error (or the error text)."""
     checks = [(f"{case.name}/splits={n}", case, n) for case in CPU_CASES for n in SPLITS]
     checks.append(("store_kv_fp32", None, 0))
-    by_name = {case.name: case for case in CPU_CASES}
-    checks += [
-        (f"store_in_attention/{name}/splits={n}", by_name[name], n) for name in STORE_CASES for n in SPLITS
-    ]
     results: dict[str, float | str] = {}
     for name, case, num_splits in checks[shard::num_shards]:
         try:  # report, don't crash the whole batch
             if case is None:
                 results[name] = _store_kv_error(torch.float32, torch.float32, "cpu")
-                continue
-            if name.startswith("store_in_attention/"):
-                results[name] = store_in_attention_error(case, num_splits)
                 continue
             got, ref = kernel_and_reference(case, torch.float32, "cpu", kwargs=split_kwargs(case, num_splits))
             results[name] = "NaN in output" if got.isnan().any() else (got - ref).abs().max().item()

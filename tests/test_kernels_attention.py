@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from tests import attention_cases
-from tests.attention_cases import CPU_CASES, SPLITS, STORE_CASES
+from tests.attention_cases import CPU_CASES, SPLITS
 
 # ---- CPU tests: interpreter subprocesses, one per CPU core (at most 4), sharing the cases ---------------
 
@@ -55,18 +55,6 @@ def test_paged_attention_interpreter_matches_reference(
     cpu_report: dict, case_name: str, num_splits: int
 ) -> None:
     name = f"{case_name}/splits={num_splits}"
-    error = cpu_report[name]
-    assert isinstance(error, float), error
-    assert error < 1e-4, f"{name}: max abs error {error}"
-
-
-@pytest.mark.parametrize("num_splits", SPLITS)
-@pytest.mark.parametrize("case_name", STORE_CASES)
-def test_store_in_attention_interpreter_matches_reference(
-    cpu_report: dict, case_name: str, num_splits: int
-) -> None:
-    """The attention kernel's own K/V store (slot_mapping) writes what store_kv_reference writes."""
-    name = f"store_in_attention/{case_name}/splits={num_splits}"
     error = cpu_report[name]
     assert isinstance(error, float), error
     assert error < 1e-4, f"{name}: max abs error {error}"

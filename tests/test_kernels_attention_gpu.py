@@ -10,8 +10,6 @@ import torch
 
 from tests.attention_cases import (
     CPU_CASES,
-    SPLITS,
-    STORE_CASES,
     Case,
     _real_rows,
     _store_kv_error,
@@ -19,7 +17,6 @@ from tests.attention_cases import (
     kernel_and_reference,
     run_kernel,
     run_reference,
-    store_in_attention_error,
 )
 
 # ---- GPU tests (-m gpu) ---------------------------------------------------------------------------------
@@ -61,15 +58,6 @@ def test_paged_attention_gpu_bf16(kv_heads: int, mask: str) -> None:
 def test_paged_attention_gpu_small_cases_fp32(case: Case) -> None:
     got, ref = kernel_and_reference(case, torch.float32, "cuda")
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("num_splits", SPLITS)
-@pytest.mark.parametrize("case_name", STORE_CASES)
-def test_store_in_attention_gpu_fp32(case_name: str, num_splits: int) -> None:
-    case = next(c for c in CPU_CASES if c.name == case_name)
-    assert store_in_attention_error(case, num_splits, device="cuda") < 1e-4
 
 
 @pytest.mark.gpu

@@ -51,10 +51,11 @@ class Attention(nn.Module):
     def _forward_triton(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context: AttentionContext
     ) -> torch.Tensor:
-        from diffulex.kernels.paged_attention import paged_attention_triton
+        from diffulex.kernels.paged_attention import paged_attention_triton, store_kv_triton
 
+        if self.k_cache is not None and self.v_cache is not None:
+            store_kv_triton(key, value, self.k_cache, self.v_cache, context.slot_mapping)
         assert context.page_tables is not None, "the Triton path always has a (possibly dummy) page table"
-        # The kernel also stores the K/V of the tokens the step commits (slot_mapping >= 0).
         return paged_attention_triton(
             query,
             key,
@@ -68,5 +69,4 @@ class Attention(nn.Module):
             context.page_tables,
             self.scale,
             context.max_seqlen_q,
-            slot_mapping=context.slot_mapping,
         )
