@@ -52,16 +52,92 @@ def test_device_unmasker_never_waits_for_the_gpu() -> None:
     """The loop's point is that the host enqueues every iteration without waiting: a synchronising op in
     ``select`` (a host scalar copied in, a data-dependent shape) made the GPU idle ~0.4 ms per forward."""
     rows, iterations = [32, 32], 8
-    unmasker = DeviceUnmasker(rows, [[4, 4]] * iterations, [None, 0.5], torch.device("cuda"))
-    confidences = [torch.rand(sum(rows), device="cuda") for _ in range(iterations)]
+    unmasker, stepper = (
+        DeviceUnmasker(rows, [[4, 4]] * iterations, [None, 0.5], torch.device("cuda")) for _ in range(2)
+    )
+    confidences = [torch.rand(sum(rows), device="cuda", dtype=torch.float64) for _ in range(iterations)]
+    ids = torch.arange(64, device="cuda")
+    tokens = torch.full((64,), -1, dtype=torch.long, device="cuda")
+    records = torch.empty(iterations, 4, 64, dtype=torch.float64, device="cuda")
+    stepper.step(ids, confidences[0], 0, tokens.clone(), ids, records[0].clone())  # compile (not measured)
+    stepper = DeviceUnmasker(rows, [[4, 4]] * iterations, [None, 0.5], torch.device("cuda"))
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
         chosen = [unmasker.select(confidences[k], k) for k in range(iterations)]
+        for k in range(iterations):  # the one-kernel step
+            stepper.step(ids, confidences[k], k, tokens, ids, records[k])
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert int(torch.stack(chosen).sum()) == 64  # every row accepted once over the 8 iterations
+    assert int(records[:, 2].sum()) == 64 and torch.equal(tokens, ids)
+
+
+_STEP_CHILD = """
+import sys
+import torch
+from diffulex.kernels.device_select import unmask_step_triton
+from diffulex.sampling.device_selection import DeviceUnmasker
+
+cases = torch.load(sys.argv[1])
+out = []
+for case in cases:
+    unmasker = DeviceUnmasker(case["rows"], case["counts"], case["thresholds"], torch.device("cpu"))
+    tokens = case["tokens"].clone()
+    records = torch.empty(len(case["counts"]), 4, unmasker.num_rows, dtype=torch.float64)
+    for k in range(len(case["counts"])):
+        unmask_step_triton(
+            case["ids"][k], case["conf"][k], unmasker.masked[: unmasker.num_rows].view(torch.int8),
+            unmasker.row_start, unmasker.counts[k], unmasker.thresholds, unmasker.dynamic_flags,
+            tokens, case["token_rows"], records[k], unmasker.width,
+        )
+    out.append((records, tokens, unmasker.masked.clone()))
+torch.save(out, sys.argv[2])
+"""
+
+
+def _step_cases(num_cases: int = 40) -> list[dict]:
+    rng = np.random.default_rng(1)
+    cases = []
+    for _ in range(num_cases):
+        rows = [int(rng.integers(1, 20)) for _ in range(int(rng.integers(1, 5)))]
+        iterations = 5
+        num_rows = sum(rows)
+        cases.append(
+            {
+                "rows": rows,
+                "counts": [[int(rng.integers(0, 5)) for _ in rows] for _ in range(iterations)],
+                "thresholds": [
+                    None if rng.random() < 0.5 else float(rng.choice([0.3, 0.5, 0.7])) for _ in rows
+                ],
+                "conf": [torch.from_numpy(np.round(rng.random(num_rows), 1)) for _ in range(iterations)],
+                "ids": [torch.from_numpy(rng.integers(0, 1000, num_rows)) for _ in range(iterations)],
+                "tokens": torch.full((num_rows + 7,), 999, dtype=torch.long),
+                "token_rows": torch.from_numpy(rng.permutation(num_rows + 7)[:num_rows]),
+            }
+        )
+    return cases
+
+
+def test_unmask_step_kernel_interpreter_equals_torch_step(tmp_path) -> None:
+    """The one-kernel GPU step (Triton interpreter) gives the torch step's records, tokens and state."""
+    pytest.importorskip("triton")
+    from tests.interpreter import run_interpreted
+
+    cases = _step_cases()
+    got = run_interpreted(_STEP_CHILD, cases, tmp_path)
+    for case, (records, tokens, masked) in zip(cases, got, strict=True):
+        unmasker = DeviceUnmasker(case["rows"], case["counts"], case["thresholds"], torch.device("cpu"))
+        expected_tokens = case["tokens"].clone()
+        expected = torch.empty_like(records)
+        for k in range(len(case["counts"])):
+            unmasker.step(
+                case["ids"][k], case["conf"][k], k, expected_tokens, case["token_rows"], expected[k]
+            )
+        assert torch.equal(records, expected)
+        assert torch.equal(tokens, expected_tokens)
+        assert torch.equal(masked, unmasker.masked)
 
 
 def test_device_loop_flags_a_nan_forward_for_that_sequence_and_iteration() -> None:

@@ -86,18 +86,16 @@ def run_denoise_loop(
     counts = [[seq.loop_counts[k] for seq in plan.sequences] for k in range(iterations)]
     thresholds = [seq.loop_threshold for seq in plan.sequences]
     unmasker = DeviceUnmasker(rows_per_seq, counts, thresholds, device)
-    records: list[torch.Tensor] = []
+    # One float64 row per field and iteration: ids (< 2**53, exact), confidence, accepted, NaN flag (a NaN
+    # logit gives a NaN confidence: greedy, non-random policy).
+    records = torch.empty((iterations, 4, unmasker.num_rows), dtype=torch.float64, device=device)
     for iteration in range(iterations):
         logits = compute_logits(forward())
         ids, confidences = sample(logits)
-        accepted = unmasker.select(confidences, iteration)
-        tokens[token_rows] = torch.where(accepted, ids, tokens[token_rows])
+        unmasker.step(ids, confidences, iteration, tokens, token_rows, records[iteration])
         if share_tokens is not None:
             share_tokens(tokens)
-        bad = torch.isnan(confidences)  # a NaN logit gives a NaN confidence (greedy, non-random policy)
-        # One float64 row per field: ids (< 2**53, exact), confidence, accepted, NaN flag.
-        records.append(torch.stack([ids.double(), confidences.double(), accepted.double(), bad.double()]))
-    host = torch.stack(records).cpu().numpy()  # the only sync: [iterations, 4, rows]
+    host = records.cpu().numpy()  # the only sync: [iterations, 4, rows]
     per_iteration: list[list[SequenceOutput]] = []
     bounds = plan.cu_samples
     for record in host:

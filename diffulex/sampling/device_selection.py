@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import torch
 
+# Sequences of at most this many sampled rows take the one-kernel GPU step (its rank matrix is rows²).
+MAX_KERNEL_ROWS = 256
+
 
 class DeviceUnmasker:
     """Tracks which sampled rows of each sequence are still masked and picks the rows to accept.
@@ -52,6 +55,49 @@ class DeviceUnmasker:
         self.positions = torch.arange(width, device=device)
         self.masked = torch.ones(self.num_rows + 1, dtype=torch.bool, device=device)
         self.masked[-1] = False  # the sentinel row is never a candidate
+        self.width = width
+        starts = [0]
+        for count in rows_per_seq:
+            starts.append(starts[-1] + count)
+        self.row_start = torch.tensor(starts, dtype=torch.int32).to(device)
+        self.dynamic_flags = self.dynamic.to(torch.int8)
+
+    def step(
+        self,
+        ids: torch.Tensor,
+        confidences: torch.Tensor,
+        iteration: int,
+        tokens: torch.Tensor,
+        token_rows: torch.Tensor,
+        record: torch.Tensor,
+    ) -> None:
+        """One loop iteration after sampling: pick the rows to accept (``select``), write their ``ids``
+        into ``tokens[token_rows]``, and fill ``record`` (float64 ``[4, rows]``: ids, confidences,
+        accepted, NaN flags). On CUDA one Triton kernel does all of it (``diffulex.kernels.device_select``)."""
+        if confidences.is_cuda and self.width <= MAX_KERNEL_ROWS and record.is_contiguous():
+            from diffulex.kernels.device_select import unmask_step_triton
+
+            unmask_step_triton(
+                ids,
+                confidences.to(torch.float64),
+                self.masked[: self.num_rows].view(torch.int8),
+                self.row_start,
+                self.counts[iteration],
+                self.thresholds,
+                self.dynamic_flags,
+                tokens,
+                token_rows,
+                record,
+                self.width,
+            )
+            return
+        accepted = self.select(confidences, iteration)
+        tokens[token_rows] = torch.where(accepted, ids, tokens[token_rows])
+        record.copy_(
+            torch.stack(
+                [ids.double(), confidences.double(), accepted.double(), torch.isnan(confidences).double()]
+            )
+        )
 
     def select(self, confidences: torch.Tensor, iteration: int) -> torch.Tensor:
         """Rows accepted at ``iteration`` (bool ``[num_rows]``); they stop being masked."""
