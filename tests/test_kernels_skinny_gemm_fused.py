@@ -114,17 +114,17 @@ def test_fused_wrappers_reject_bad_shapes() -> None:
 
 
 def test_skinny_eligibility_and_switch() -> None:
-    """The CPU never takes the skinny path; on a (meta) CUDA-like check the row bound and the switch rule."""
+    """The CPU never takes the skinny path; the switch turns it off and on again."""
     from diffulex.layers import linear
 
     x, w = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(6, 8, dtype=torch.bfloat16)
     assert not linear.skinny_eligible(x, w)  # CPU tensors
     try:
         linear.set_skinny_gemms(False)
-        assert not linear._skinny_enabled
+        assert not linear.skinny_gemms_enabled()
     finally:
         linear.set_skinny_gemms(True)
-    assert linear._skinny_enabled
+    assert linear.skinny_gemms_enabled()
 
 
 def test_layer_functions_take_the_unfused_path_on_cpu() -> None:
@@ -199,6 +199,21 @@ def test_fused_skinny_gemms_gpu_cuda_graph_replay() -> None:
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out.float(), gate_up_silu_reference(x, w).float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_skinny_eligibility_rules_gpu() -> None:
+    from diffulex.layers.linear import SKINNY_MAX_WEIGHT_ROWS, SKINNY_ROWS, skinny_eligible
+
+    w = torch.zeros(64, 32, device="cuda", dtype=torch.bfloat16)
+    x = torch.zeros(SKINNY_ROWS, 32, device="cuda", dtype=torch.bfloat16)
+    assert skinny_eligible(x, w)
+    assert not skinny_eligible(torch.zeros(SKINNY_ROWS + 1, 32, device="cuda", dtype=torch.bfloat16), w)
+    assert not skinny_eligible(x.float(), w.float())  # fp32 stays on cuBLAS
+    assert not skinny_eligible(x, w, torch.zeros(64, device="cuda", dtype=torch.bfloat16))  # a bias
+    big = torch.empty(SKINNY_MAX_WEIGHT_ROWS + 1, 32, device="cuda", dtype=torch.bfloat16)
+    assert not skinny_eligible(x, big)  # an LM head
 
 
 @pytest.mark.gpu

@@ -40,6 +40,11 @@ def set_skinny_gemms(enabled: bool) -> None:
     _skinny_enabled = bool(enabled)
 
 
+def skinny_gemms_enabled() -> bool:
+    """Whether the skinny-GEMM path is switched on (``set_skinny_gemms``)."""
+    return _skinny_enabled
+
+
 def skinny_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether ``x @ weight.T`` takes the Triton skinny GEMMs: a CUDA bf16/fp16 ``[rows, in]`` input of at
     most ``SKINNY_ROWS`` rows, a contiguous weight of the same dtype and at most
