@@ -119,7 +119,8 @@ def qkv_rope_reference(
     return torch.cat([query.reshape(m, -1), key.reshape(m, -1), out[:, q_cols + k_cols :]], dim=-1)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
+def _check(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """The row count of ``x`` after the shape and layout checks both wrappers need."""
     m, k = x.shape
     if weight.shape[1] != k:
         raise ValueError(f"x has {k} columns but weight has {weight.shape[1]}")
@@ -127,7 +128,44 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
         raise ValueError(f"the fused skinny GEMMs take at most {MAX_ROWS} rows, got {m}")
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("x and weight must be contiguous in their last dimension")
-    return m, k
+    return m
+
+
+def _launch(
+    grid: int,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    first_rows: int,
+    epilogue: int,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+    num_stages: int,
+) -> None:
+    """One launch of ``_paired_gemm_kernel`` over ``grid`` programs (``positions``/``inv_freq``: RoPE only)."""
+    m, k = x.shape
+    _paired_gemm_kernel[(grid,)](
+        x,
+        weight,
+        out,
+        positions,
+        inv_freq,
+        m,
+        k,
+        first_rows,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        EPILOGUE=epilogue,
+        BLOCK_M=max(16, triton.next_power_of_2(m)),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
 
 
 def gate_up_silu_triton(
@@ -143,32 +181,15 @@ def gate_up_silu_triton(
 
     Default tiles: the best of five at M = 32, I = 12,288, K = 4,096 on the H200 (53.2 us, cold weights;
     ``block_n`` 32: 60.3 us; cuBLAS + the separate SiLU-mul kernel: 52.8 us), 2026-11-24."""
-    m, k = _check(x, weight)
+    m = _check(x, weight)
     if weight.shape[0] % 2:
         raise ValueError(f"a gate|up weight has an even number of rows, got {weight.shape[0]}")
     inter = weight.shape[0] // 2
     out = torch.empty((m, inter), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    _paired_gemm_kernel[(triton.cdiv(inter, block_n),)](
-        x,
-        weight,
-        out,
-        x,  # unused
-        x,  # unused
-        m,
-        k,
-        inter,
-        x.stride(0),
-        weight.stride(0),
-        out.stride(0),
-        EPILOGUE=_SILU_MUL.value,
-        BLOCK_M=max(16, triton.next_power_of_2(m)),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    grid = triton.cdiv(inter, block_n)
+    _launch(grid, x, weight, out, x, x, inter, _SILU_MUL.value, block_n, block_k, num_warps, num_stages)
     return out
 
 
@@ -190,7 +211,7 @@ def qkv_rope_triton(
 
     ``head_dim`` must be a power of two (>= 32): one program per head, each half a ``D / 2``-column tile.
     """
-    m, k = _check(x, weight)
+    m = _check(x, weight)
     heads = num_heads + 2 * num_kv_heads
     if weight.shape[0] != heads * head_dim:
         raise ValueError(f"a q|k|v weight of {heads} heads x {head_dim} has {heads * head_dim} rows")
@@ -203,24 +224,21 @@ def qkv_rope_triton(
     out = torch.empty((m, heads * head_dim), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    _paired_gemm_kernel[(heads,)](
+    rotated = num_heads + num_kv_heads
+    positions, inv_freq = positions.reshape(-1), inv_freq.contiguous()
+    _launch(
+        heads,
         x,
         weight,
         out,
-        positions.reshape(-1),
-        inv_freq.contiguous(),
-        m,
-        k,
-        num_heads + num_kv_heads,
-        x.stride(0),
-        weight.stride(0),
-        out.stride(0),
-        EPILOGUE=_ROPE.value,
-        BLOCK_M=max(16, triton.next_power_of_2(m)),
-        BLOCK_N=head_dim // 2,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        positions,
+        inv_freq,
+        rotated,
+        _ROPE.value,
+        head_dim // 2,
+        block_k,
+        num_warps,
+        num_stages,
     )
     return out
 
