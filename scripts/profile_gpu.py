@@ -28,6 +28,7 @@ CATEGORIES = {
     "attention_combine": ("_combine_splits",),
     "kv_store": ("_store_kv",),
     "sampling": ("greedy_confidence", "_sample"),
+    "device_loop": ("_unmask_step",),
     "fused_elementwise": ("rms", "rope", "silu", "_fused"),
     "gemm": ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas"),
 }
