@@ -49,9 +49,20 @@ def _proj(h: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tenso
     return out + w[name + ".bias"] if name + ".bias" in w else out
 
 
-def llada_reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+Projection = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def llada_reference_logits(path: Path, ids: torch.Tensor, proj: Projection | None = None) -> torch.Tensor:
+    """Plain bidirectional forward of the LLaDA layout from the official names. ``proj(h, name)`` computes
+    the projection ``name`` (default: ``h @ W.T (+ b)`` from the checkpoint; the LoRA test adds the
+    adapters' deltas)."""
     cfg = json.loads((path / "config.json").read_text())
     w = load_file(str(path / "model.safetensors"))
+    if proj is None:
+
+        def proj(h: torch.Tensor, name: str) -> torch.Tensor:
+            return _proj(h, w, name)
+
     heads = cfg["n_heads"]
     kv_heads = cfg["n_kv_heads"] or heads
     head_dim = cfg["d_model"] // heads
@@ -62,20 +73,17 @@ def llada_reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     for i in range(cfg["n_layers"]):
         p = f"model.transformer.blocks.{i}."
         h = _rms(x, w[p + "attn_norm.weight"], eps)
-        q = _proj(h, w, p + "q_proj").view(tokens, heads, head_dim).transpose(0, 1)
-        k = _proj(h, w, p + "k_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
-        v = _proj(h, w, p + "v_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
+        q = proj(h, p + "q_proj").view(tokens, heads, head_dim).transpose(0, 1)
+        k = proj(h, p + "k_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
+        v = proj(h, p + "v_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
         att = _attend(_rope(q, positions, theta), _rope(k, positions, theta), v, allowed)
-        x = x + att @ w[p + "attn_out.weight"].T
+        x = x + proj(att, p + "attn_out")
         h = _rms(x, w[p + "ff_norm.weight"], eps)
-        x = (
-            x
-            + (F.silu(h @ w[p + "ff_proj.weight"].T) * (h @ w[p + "up_proj.weight"].T))
-            @ w[p + "ff_out.weight"].T
-        )
+        x = x + proj(F.silu(proj(h, p + "ff_proj")) * proj(h, p + "up_proj"), p + "ff_out")
     x = _rms(x, w["model.transformer.ln_f.weight"], eps)
-    head = w["model.transformer.wte.weight"] if cfg["weight_tying"] else w["model.transformer.ff_out.weight"]
-    return x @ head.T
+    if cfg.get("weight_tying"):
+        return x @ w["model.transformer.wte.weight"].T
+    return proj(x, "model.transformer.ff_out")
 
 
 def swiglu_reference(h: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, cfg: dict) -> torch.Tensor:

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from diffulex import SamplingParams
 from diffulex.models import load_model
 from diffulex.models.tiny_checkpoint import write_tiny_checkpoint, write_tiny_lora_adapter
-from tests.model_helpers import _attend, _ids, _max_rel_error, _rms, _rope, model_logits
+from tests.model_helpers import _ids, _max_rel_error, llada_reference_logits, model_logits
 
 PREFIX = "base_model.model."
 
@@ -36,7 +35,7 @@ def _adapter_pairs(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]
 
 
 def lora_reference_logits(base: Path, adapter: Path, ids: torch.Tensor, scaling: float) -> torch.Tensor:
-    cfg = json.loads((base / "config.json").read_text())
+    """The LLaDA reference forward with every adapted projection adding ``scaling * (x A^T) B^T``."""
     w = load_file(str(base / "model.safetensors"))
     pairs = _adapter_pairs(adapter)
     fan_in_fan_out = json.loads((adapter / "adapter_config.json").read_text()).get("fan_in_fan_out", False)
@@ -52,25 +51,7 @@ def lora_reference_logits(base: Path, adapter: Path, ids: torch.Tensor, scaling:
             out = out + scaling * ((h @ lora_a.T) @ lora_b.T)
         return out
 
-    heads = cfg["n_heads"]
-    kv_heads = cfg["n_kv_heads"] or heads
-    head_dim = cfg["d_model"] // heads
-    eps, theta, tokens = cfg["rms_norm_eps"], cfg["rope_theta"], ids.shape[0]
-    positions = torch.arange(tokens)
-    allowed = torch.ones(tokens, tokens, dtype=torch.bool)
-    x = w["model.transformer.wte.weight"][ids]
-    for i in range(cfg["n_layers"]):
-        p = f"model.transformer.blocks.{i}."
-        h = _rms(x, w[p + "attn_norm.weight"], eps)
-        q = proj(h, p + "q_proj").view(tokens, heads, head_dim).transpose(0, 1)
-        k = proj(h, p + "k_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
-        v = proj(h, p + "v_proj").view(tokens, kv_heads, head_dim).transpose(0, 1)
-        att = _attend(_rope(q, positions, theta), _rope(k, positions, theta), v, allowed)
-        x = x + proj(att, p + "attn_out")
-        h = _rms(x, w[p + "ff_norm.weight"], eps)
-        x = x + proj(F.silu(proj(h, p + "ff_proj")) * proj(h, p + "up_proj"), p + "ff_out")
-    x = _rms(x, w["model.transformer.ln_f.weight"], eps)
-    return proj(x, "model.transformer.ff_out")
+    return llada_reference_logits(base, ids, proj)
 
 
 def _base(tmp_path: Path, **overrides) -> Path:
