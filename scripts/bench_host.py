@@ -55,6 +55,9 @@ def measure(checkpoint: Path, strategy: str, family_block: int, num_requests: in
         dtype="float32",
         max_num_reqs=max(num_requests, 1),
         enable_prefix_caching=False,
+        # One forward per engine step, as this table has always measured (the device loop would put up
+        # to denoise_iterations_per_sync forwards in one step).
+        denoise_iterations_per_sync=1,
     )
     engine = llm.engine
     null_model = NullModel(engine.spec.vocab_size)
@@ -71,10 +74,10 @@ def measure(checkpoint: Path, strategy: str, family_block: int, num_requests: in
     execute = engine.runner.execute
     runner_time = 0.0
 
-    def timed_execute(plan, mask_token_id):
+    def timed_execute(*args, **kwargs):
         nonlocal runner_time
         start = time.perf_counter()
-        result = execute(plan, mask_token_id)
+        result = execute(*args, **kwargs)
         runner_time += time.perf_counter() - start
         return result
 
@@ -84,6 +87,8 @@ def measure(checkpoint: Path, strategy: str, family_block: int, num_requests: in
     for _ in range(steps):
         engine.step()
     total = time.perf_counter() - start
+    # A step that raised fails its requests (the engine keeps serving): then nothing was measured.
+    assert engine.scheduler.num_running == num_requests, "requests failed during the timed steps"
     for request_id in list(engine.requests):
         engine.abort(request_id)
     return {
