@@ -42,7 +42,7 @@ def _unmask_step_kernel(
     valid = offs < hi - lo
     rows = lo + offs
     conf = tl.load(conf_ptr + rows, mask=valid, other=0.0)
-    masked = (tl.load(masked_ptr + rows, mask=valid, other=0) != 0) & valid
+    masked = tl.load(masked_ptr + rows, mask=valid, other=0) != 0  # rows past the sequence: 0
     ranked = tl.where(masked, conf, float("-inf"))
     # rank_i = #{valid j : ranked_j > ranked_i, or equal with j < i} (a stable descending sort)
     before = (ranked[None, :] > ranked[:, None]) | (

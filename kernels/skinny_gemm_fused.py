@@ -193,6 +193,12 @@ def gate_up_silu_triton(
     return out
 
 
+def qkv_rope_supports(head_dim: int) -> bool:
+    """Whether ``qkv_rope_triton`` takes heads of ``head_dim``: a power of two >= 32 (each half of a head is
+    one column tile)."""
+    return head_dim >= 32 and head_dim & (head_dim - 1) == 0
+
+
 def qkv_rope_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -215,7 +221,7 @@ def qkv_rope_triton(
     heads = num_heads + 2 * num_kv_heads
     if weight.shape[0] != heads * head_dim:
         raise ValueError(f"a q|k|v weight of {heads} heads x {head_dim} has {heads * head_dim} rows")
-    if head_dim < 32 or head_dim & (head_dim - 1):
+    if not qkv_rope_supports(head_dim):
         raise ValueError(f"head_dim {head_dim} must be a power of two >= 32")
     if inv_freq.numel() != head_dim // 2 or inv_freq.dtype != torch.float32:
         raise ValueError(f"inv_freq must be float32 with head_dim / 2 = {head_dim // 2} entries")
@@ -243,4 +249,10 @@ def qkv_rope_triton(
     return out
 
 
-__all__ = ["gate_up_silu_reference", "gate_up_silu_triton", "qkv_rope_reference", "qkv_rope_triton"]
+__all__ = [
+    "gate_up_silu_reference",
+    "gate_up_silu_triton",
+    "qkv_rope_reference",
+    "qkv_rope_supports",
+    "qkv_rope_triton",
+]

@@ -77,7 +77,6 @@ def test_device_unmasker_never_waits_for_the_gpu() -> None:
 _STEP_CHILD = """
 import sys
 import torch
-from diffulex.kernels.device_select import unmask_step_triton
 from diffulex.sampling.device_selection import DeviceUnmasker
 
 cases = torch.load(sys.argv[1])
@@ -87,11 +86,7 @@ for case in cases:
     tokens = case["tokens"].clone()
     records = torch.empty(len(case["counts"]), 4, unmasker.num_rows, dtype=torch.float64)
     for k in range(len(case["counts"])):
-        unmask_step_triton(
-            case["ids"][k], case["conf"][k], unmasker.masked[: unmasker.num_rows].view(torch.int8),
-            unmasker.row_start, unmasker.counts[k], unmasker.thresholds, unmasker.dynamic_flags,
-            tokens, case["token_rows"], records[k], unmasker.width,
-        )
+        unmasker.step_triton(case["ids"][k], case["conf"][k], k, tokens, case["token_rows"], records[k])
     out.append((records, tokens, unmasker.masked.clone()))
 torch.save(out, sys.argv[2])
 """

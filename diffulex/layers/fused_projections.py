@@ -37,25 +37,22 @@ def qkv_rope(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(query [T, H, D], key [T, KVH, D], value [T, KVH, D])`` of the q|k|v projection ``proj`` of
     ``x [T, hidden]``, query and key rotated by ``positions [T]`` (views of one result where fused)."""
-    num_tokens = x.shape[0]
-    fusable = (
-        rotary.rotary_dim == head_dim
-        and head_dim >= 32
-        and head_dim & (head_dim - 1) == 0
-        and skinny_eligible(x, proj.weight, proj.bias)
-    )
-    if fusable:
-        from diffulex.kernels.skinny_gemm_fused import qkv_rope_triton
 
-        out = qkv_rope_triton(x, proj.weight, positions, rotary.inv_freq, num_heads, num_kv_heads, head_dim)
-        q_cols, k_cols = num_heads * head_dim, num_kv_heads * head_dim
-        query = out[:, :q_cols].view(num_tokens, num_heads, head_dim)
-        key = out[:, q_cols : q_cols + k_cols].view(num_tokens, num_kv_heads, head_dim)
-        value = out[:, q_cols + k_cols :].view(num_tokens, num_kv_heads, head_dim)
+    def as_heads(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        heads = (num_heads, num_kv_heads, num_kv_heads)
+        query, key, value = (
+            part.view(x.shape[0], count, head_dim) for part, count in zip(parts, heads, strict=True)
+        )
         return query, key, value
-    query, key, value = proj(x)
-    query = query.view(num_tokens, num_heads, head_dim)
-    key = key.view(num_tokens, num_kv_heads, head_dim)
-    value = value.view(num_tokens, num_kv_heads, head_dim)
+
+    if rotary.rotary_dim == head_dim and skinny_eligible(x, proj.weight, proj.bias):
+        from diffulex.kernels.skinny_gemm_fused import qkv_rope_supports, qkv_rope_triton
+
+        if qkv_rope_supports(head_dim):
+            out = qkv_rope_triton(
+                x, proj.weight, positions, rotary.inv_freq, num_heads, num_kv_heads, head_dim
+            )
+            return as_heads(out.split(proj.shard_sizes, dim=-1))  # the column slices MergedLinear returns
+    query, key, value = as_heads(proj(x))
     query, key = rotary(positions, query, key)
     return query, key, value

@@ -42,11 +42,12 @@ class DeviceUnmasker:
         width = max(rows_per_seq, default=0)
         # pad_index[s, j]: the flat row of sequence s's j-th sampled row; num_rows (a sentinel) past its end.
         pad_index = torch.full((num_seqs, width), self.num_rows, dtype=torch.long)
-        start = 0
+        starts = [0]  # sequence s owns the flat rows [starts[s], starts[s + 1])
         for seq, count in enumerate(rows_per_seq):
-            pad_index[seq, :count] = torch.arange(start, start + count)
-            start += count
+            pad_index[seq, :count] = torch.arange(starts[-1], starts[-1] + count)
+            starts.append(starts[-1] + count)
         self.pad_index = pad_index.to(device)
+        self.row_start = torch.tensor(starts, dtype=torch.int32).to(device)
         self.counts = torch.tensor(counts, dtype=torch.long).reshape(len(counts), num_seqs).to(device)
         self.thresholds = torch.tensor(
             [float("inf") if t is None else float(t) for t in thresholds], dtype=torch.float64
@@ -56,10 +57,6 @@ class DeviceUnmasker:
         self.masked = torch.ones(self.num_rows + 1, dtype=torch.bool, device=device)
         self.masked[-1] = False  # the sentinel row is never a candidate
         self.width = width
-        starts = [0]
-        for count in rows_per_seq:
-            starts.append(starts[-1] + count)
-        self.row_start = torch.tensor(starts, dtype=torch.int32).to(device)
         self.dynamic_flags = self.dynamic.to(torch.int8)
 
     def step(
@@ -75,21 +72,7 @@ class DeviceUnmasker:
         into ``tokens[token_rows]``, and fill ``record`` (float64 ``[4, rows]``: ids, confidences,
         accepted, NaN flags). On CUDA one Triton kernel does all of it (``diffulex.kernels.device_select``)."""
         if confidences.is_cuda and self.width <= MAX_KERNEL_ROWS and record.is_contiguous():
-            from diffulex.kernels.device_select import unmask_step_triton
-
-            unmask_step_triton(
-                ids,
-                confidences.to(torch.float64),
-                self.masked[: self.num_rows].view(torch.int8),
-                self.row_start,
-                self.counts[iteration],
-                self.thresholds,
-                self.dynamic_flags,
-                tokens,
-                token_rows,
-                record,
-                self.width,
-            )
+            self.step_triton(ids, confidences, iteration, tokens, token_rows, record)
             return
         accepted = self.select(confidences, iteration)
         tokens[token_rows] = torch.where(accepted, ids, tokens[token_rows])
@@ -97,6 +80,33 @@ class DeviceUnmasker:
             torch.stack(
                 [ids.double(), confidences.double(), accepted.double(), torch.isnan(confidences).double()]
             )
+        )
+
+    def step_triton(
+        self,
+        ids: torch.Tensor,
+        confidences: torch.Tensor,
+        iteration: int,
+        tokens: torch.Tensor,
+        token_rows: torch.Tensor,
+        record: torch.Tensor,
+    ) -> None:
+        """``step`` by the Triton kernel whatever the device (the CPU tests run it interpreted); ``record``
+        must be contiguous and no sequence wider than ``MAX_KERNEL_ROWS``."""
+        from diffulex.kernels.device_select import unmask_step_triton
+
+        unmask_step_triton(
+            ids,
+            confidences.to(torch.float64),
+            self.masked[: self.num_rows].view(torch.int8),
+            self.row_start,
+            self.counts[iteration],
+            self.thresholds,
+            self.dynamic_flags,
+            tokens,
+            token_rows,
+            record,
+            self.width,
         )
 
     def select(self, confidences: torch.Tensor, iteration: int) -> torch.Tensor:
