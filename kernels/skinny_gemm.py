@@ -4,7 +4,9 @@ A batch-1 denoise step multiplies 32-64 rows by every weight matrix: the time is
 weights from HBM, and what matters is keeping every SM's loads in flight to the end. The grid is
 ``(cdiv(N, BLOCK_N), SPLIT_K)``: each program reads a ``[BLOCK_N, K / SPLIT_K]`` slab of the weight in
 ``BLOCK_K`` steps (software-pipelined ``num_stages`` deep) against the whole of ``x`` (``BLOCK_M`` rows,
-read from L2). With ``SPLIT_K`` > 1 each split writes an fp32 partial; the split that arrives last for
+read from L2). Weight tiles are loaded through a tensor descriptor (the copy engine on Hopper, TMA):
+one instruction per tile instead of one per thread and 16 bytes, and rows or columns past the end read
+as zeros, so the weight needs 16-byte aligned rows (``descriptor_compatible``). With ``SPLIT_K`` > 1 each split writes an fp32 partial; the split that arrives last for
 its column tile (an arrival counter per tile) sums the partials in split order and writes the output, so
 the result is deterministic and needs no second launch; the counter is re-armed for the next launch, so
 the kernel replays from a CUDA graph.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 MAX_ROWS = 64  # larger M: cuBLAS's tiled GEMMs are the right tool
 
@@ -29,16 +32,15 @@ def skinny_gemm_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 @triton.jit
 def _skinny_gemm_kernel(
     x_ptr,
-    w_ptr,
+    w_desc,  # tensor descriptor of the [N, K] weight, block [BLOCK_N, BLOCK_K]
     out_ptr,
     part_ptr,  # [SPLIT_K, M, N] fp32 partials (split path)
     counter_ptr,  # int32 arrivals per column tile, zero between launches (split path)
     M,
     N,
     K,
-    k_per_split,  # a multiple of BLOCK_K
+    k_per_split,  # a multiple of BLOCK_K: a split never reads into the next one's columns
     stride_xm,
-    stride_wn,
     stride_om,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -55,13 +57,11 @@ def _skinny_gemm_kernel(
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
         k_valid = (k + offs_k) < k_hi
         x = tl.load(x_rows + (k + offs_k)[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-        w = tl.load(w_rows + (k + offs_k)[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(w))
+        acc += tl.dot(x, tl.trans(w_desc.load([tile_n * BLOCK_N, k])))
     out_mask = m_valid[:, None] & n_valid[None, :]
     out_offs = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     if SPLIT_K == 1:
@@ -92,20 +92,57 @@ def _counters(device: torch.device, count: int) -> torch.Tensor:
     return buffers[-1]
 
 
+def descriptor_compatible(weight: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can address ``weight``: a contiguous last dimension and 16-byte
+    aligned start and rows."""
+    return (
+        weight.dim() == 2
+        and weight.stride(-1) == 1
+        and weight.data_ptr() % 16 == 0
+        and weight.stride(0) * weight.element_size() % 16 == 0
+    )
+
+
+def weight_descriptor(weight: torch.Tensor, block_n: int, block_k: int) -> TensorDescriptor:
+    """The ``[block_n, block_k]``-tile descriptor of ``weight`` the skinny GEMM kernels load through."""
+    if not descriptor_compatible(weight):
+        raise ValueError(
+            f"the weight ({tuple(weight.shape)}, strides {weight.stride()}) needs a contiguous last "
+            "dimension and 16-byte aligned rows for the skinny GEMMs"
+        )
+    return TensorDescriptor.from_tensor(weight, [block_n, block_k])
+
+
 def default_config(m: int, n: int, k: int, sm_count: int = 132) -> dict[str, int]:
-    """Tile sizes and split count, a rule read off the M = 32 sweep of ``scripts/bench_gemm.py --sweep``
-    (H200, LLaDA-8B projections, 2026-11-24): the narrowest column tile (32, 64 or 128) that keeps the
-    grid within about three programs per SM; a second K split only when that still leaves fewer than
-    ~1.5 programs per SM over a long K (the 4,096 x 12,288 down projection); deeper pipelining for the
-    narrow tiles. Measured there: 12.8 / 29.5 / 242 us for the 4,096 x 4,096, 4,096 x 12,288 and
-    126,464 x 4,096 weights against cuBLAS's 13.9 / 30.2 / 251 us."""
+    """Tile sizes and split count, a rule read off the M = 32 sweeps of the LLaDA-8B projections (H200,
+    cold weights, 2026-11-24; descriptor loads): the narrowest column tile (32, 64 or 128) that keeps the
+    grid within about three programs per SM, 256-column K steps, no K split (with descriptor loads the
+    4,096 x 12,288 down projection streams as fast unsplit: 29.4-29.6 vs 29.9 us), four stages (fewer
+    where shared memory runs out, see ``fit_stages``). Measured: 12.6 / 29.6 us for the 4,096 x 4,096 and
+    4,096 x 12,288 weights (pointer loads with the previous rule: 13.2 / 29.9 us)."""
     block_n = 32
     while triton.cdiv(n, block_n) > 3 * sm_count and block_n < 128:
         block_n *= 2
-    tiles = triton.cdiv(n, block_n)
-    split_k = 2 if 2 * tiles < 3 * sm_count and k >= 8192 else 1
-    num_stages = 5 if block_n == 32 else 3
-    return {"block_n": block_n, "block_k": 128, "split_k": split_k, "num_warps": 4, "num_stages": num_stages}
+    return {"block_n": block_n, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 4}
+
+
+def fit_stages(device: torch.device, stages: int, tile_rows: int, block_k: int, itemsize: int) -> int:
+    """``stages`` or fewer: as many as fit in one program's shared memory on ``device``, with a pipeline of
+    ``stages`` holding ``stages - 1`` tiles of ``tile_rows`` rows (x and weight rows) by ``block_k``."""
+    per_stage = tile_rows * block_k * itemsize
+    return max(1, min(stages, 1 + (_shared_memory(device) - 8192) // per_stage))
+
+
+_SHARED: dict[torch.device, int] = {}
+
+
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may use (opt-in maximum; 99 KB off the GPU, e.g. under the
+    interpreter)."""
+    if device not in _SHARED:
+        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+        _SHARED[device] = int(getattr(props, "shared_memory_per_block_optin", 0) or 101376)
+    return _SHARED[device]
 
 
 def skinny_gemm_triton(
@@ -126,14 +163,16 @@ def skinny_gemm_triton(
         raise ValueError(f"x has {k} columns but weight has {k_w}")
     if m > MAX_ROWS:
         raise ValueError(f"skinny_gemm_triton takes at most {MAX_ROWS} rows, got {m}")
-    if x.stride(-1) != 1 or weight.stride(-1) != 1:
-        raise ValueError("x and weight must be contiguous in their last dimension")
+    if x.stride(-1) != 1:
+        raise ValueError("x must be contiguous in its last dimension")
     config = default_config(m, n, k)
     block_n = block_n or config["block_n"]
     block_k = block_k or config["block_k"]
     split_k = split_k or config["split_k"]
     num_warps = num_warps or config["num_warps"]
-    num_stages = num_stages or config["num_stages"]
+    num_stages = fit_stages(
+        x.device, num_stages or config["num_stages"], 32 + block_n, block_k, x.element_size()
+    )
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
@@ -146,7 +185,7 @@ def skinny_gemm_triton(
         partials = counters = out  # unused
     _skinny_gemm_kernel[(tiles, split_k)](
         x,
-        weight,
+        weight_descriptor(weight, block_n, block_k),
         out,
         partials,
         counters,
@@ -155,7 +194,6 @@ def skinny_gemm_triton(
         k,
         k_per_split,
         x.stride(0),
-        weight.stride(0),
         out.stride(0),
         BLOCK_M=max(16, triton.next_power_of_2(m)),
         BLOCK_N=block_n,
@@ -167,4 +205,12 @@ def skinny_gemm_triton(
     return out
 
 
-__all__ = ["MAX_ROWS", "default_config", "skinny_gemm_reference", "skinny_gemm_triton"]
+__all__ = [
+    "MAX_ROWS",
+    "default_config",
+    "descriptor_compatible",
+    "fit_stages",
+    "skinny_gemm_reference",
+    "skinny_gemm_triton",
+    "weight_descriptor",
+]

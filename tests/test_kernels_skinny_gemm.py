@@ -82,7 +82,7 @@ def test_default_config_follows_the_sweep() -> None:
 
     expected = {  # (n, k): (block_n, split_k)
         (4096, 4096): (32, 1),
-        (4096, 12288): (32, 2),
+        (4096, 12288): (32, 1),
         (24576, 4096): (64, 1),
         (126464, 4096): (128, 1),
         (12288, 4096): (32, 1),
@@ -90,7 +90,30 @@ def test_default_config_follows_the_sweep() -> None:
     for (n, k), (block_n, split_k) in expected.items():
         config = default_config(32, n, k, sm_count=132)
         assert (config["block_n"], config["split_k"]) == (block_n, split_k), (n, k, config)
-    assert default_config(32, 64, 64)["split_k"] == 1  # tiny shapes never split
+
+
+def test_weights_must_suit_a_tensor_descriptor() -> None:
+    """The kernels load weights through tensor descriptors: 16-byte aligned start and rows, else a clear
+    error (and ``skinny_eligible`` sends such a weight to the plain matmul instead)."""
+    from diffulex.kernels.skinny_gemm import descriptor_compatible, skinny_gemm_triton
+
+    aligned = torch.zeros(8, 16, dtype=torch.bfloat16)  # 32-byte rows
+    assert descriptor_compatible(aligned)
+    assert not descriptor_compatible(torch.zeros(8, 12, dtype=torch.bfloat16))  # 24-byte rows
+    assert not descriptor_compatible(torch.zeros(8 * 16 + 1, dtype=torch.bfloat16)[1:].view(8, 16))  # start
+    assert not descriptor_compatible(aligned.t())  # last dimension not contiguous
+    with pytest.raises(ValueError, match="16-byte aligned rows"):
+        skinny_gemm_triton(torch.zeros(2, 12, dtype=torch.bfloat16), torch.zeros(8, 12, dtype=torch.bfloat16))
+
+
+def test_pipeline_stages_fit_shared_memory() -> None:
+    """Requested stages are kept while their tiles fit one program's shared memory, cut down otherwise."""
+    from diffulex.kernels.skinny_gemm import fit_stages
+
+    cpu = torch.device("cpu")  # sized as a 99 KB GPU
+    assert fit_stages(cpu, 4, 32 + 32, 128, 2) == 4  # 16 KB per stage
+    assert fit_stages(cpu, 4, 32 + 128, 256, 2) == 2  # 80 KB per stage: one in flight besides the current
+    assert fit_stages(cpu, 3, 32 + 512, 256, 2) == 1  # larger than the whole budget: no pipelining
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------

@@ -47,9 +47,10 @@ def skinny_gemms_enabled() -> bool:
 
 def skinny_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether ``x @ weight.T`` takes the Triton skinny GEMMs: a CUDA bf16/fp16 ``[rows, in]`` input of at
-    most ``SKINNY_ROWS`` rows, a contiguous weight of the same dtype and at most
-    ``SKINNY_MAX_WEIGHT_ROWS`` rows, no bias, the path switched on."""
-    return (
+    most ``SKINNY_ROWS`` rows, a contiguous weight of the same dtype, at most ``SKINNY_MAX_WEIGHT_ROWS``
+    rows and 16-byte aligned rows (the kernels load it through a tensor descriptor), no bias, the path
+    switched on."""
+    if not (
         _skinny_enabled
         and bias is None
         and x.is_cuda
@@ -60,7 +61,11 @@ def skinny_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         and x.stride(-1) == 1
         and weight.is_contiguous()
         and weight.shape[0] <= SKINNY_MAX_WEIGHT_ROWS
-    )
+    ):
+        return False
+    from diffulex.kernels.skinny_gemm import descriptor_compatible  # only reached on the GPU
+
+    return descriptor_compatible(weight)
 
 
 def batch_invariant_linear(
