@@ -126,11 +126,16 @@ def default_config(m: int, n: int, k: int, sm_count: int = 132) -> dict[str, int
     return {"block_n": block_n, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 4}
 
 
-def fit_stages(device: torch.device, stages: int, tile_rows: int, block_k: int, itemsize: int) -> int:
-    """``stages`` or fewer: as many as fit in one program's shared memory on ``device``, with a pipeline of
-    ``stages`` holding ``stages - 1`` tiles of ``tile_rows`` rows (x and weight rows) by ``block_k``."""
-    per_stage = tile_rows * block_k * itemsize
-    return max(1, min(stages, 1 + (_shared_memory(device) - 8192) // per_stage))
+def fit_stages(
+    device: torch.device, stages: int, block_m: int, block_n: int, block_k: int, itemsize: int
+) -> int:
+    """``stages`` or fewer: as many as fit in one program's shared memory on ``device``. Triton's pipeline
+    of ``stages`` keeps ``stages - 1`` tiles of x (``block_m`` rows) and weight (``block_n`` rows, all
+    weight tiles of a program together) by ``block_k`` in flight; the epilogue's fp32 layout change of the
+    ``[block_m, block_n]`` accumulators and 8 KB of slack are kept free."""
+    per_stage = (block_m + block_n) * block_k * itemsize
+    reserved = block_m * block_n * 4 + 8192
+    return max(1, min(stages, 1 + (_shared_memory(device) - reserved) // per_stage))
 
 
 _SHARED: dict[torch.device, int] = {}
@@ -170,12 +175,13 @@ def skinny_gemm_triton(
     block_k = block_k or config["block_k"]
     split_k = split_k or config["split_k"]
     num_warps = num_warps or config["num_warps"]
-    num_stages = fit_stages(
-        x.device, num_stages or config["num_stages"], 32 + block_n, block_k, x.element_size()
-    )
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
+    block_m = max(16, triton.next_power_of_2(m))
+    stages = fit_stages(
+        x.device, num_stages or config["num_stages"], block_m, block_n, block_k, x.element_size()
+    )
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     tiles = triton.cdiv(n, block_n)
     if split_k > 1:
@@ -195,12 +201,12 @@ def skinny_gemm_triton(
         k_per_split,
         x.stride(0),
         out.stride(0),
-        BLOCK_M=max(16, triton.next_power_of_2(m)),
+        BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         SPLIT_K=split_k,
         num_warps=num_warps,
-        num_stages=num_stages,
+        num_stages=stages,
     )
     return out
 

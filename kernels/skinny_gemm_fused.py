@@ -148,7 +148,8 @@ def _launch(
 ) -> None:
     """One launch of ``_paired_gemm_kernel`` over ``grid`` programs (``positions``/``inv_freq``: RoPE only)."""
     m, k = x.shape
-    num_stages = fit_stages(x.device, num_stages, 32 + 2 * block_n, block_k, x.element_size())
+    block_m = max(16, triton.next_power_of_2(m))
+    num_stages = fit_stages(x.device, num_stages, block_m, 2 * block_n, block_k, x.element_size())
     _paired_gemm_kernel[(grid,)](
         x,
         weight_descriptor(weight, block_n, block_k),
@@ -161,7 +162,7 @@ def _launch(
         x.stride(0),
         out.stride(0),
         EPILOGUE=epilogue,
-        BLOCK_M=max(16, triton.next_power_of_2(m)),
+        BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,

@@ -111,9 +111,9 @@ def test_pipeline_stages_fit_shared_memory() -> None:
     from diffulex.kernels.skinny_gemm import fit_stages
 
     cpu = torch.device("cpu")  # sized as a 99 KB GPU
-    assert fit_stages(cpu, 4, 32 + 32, 128, 2) == 4  # 16 KB per stage
-    assert fit_stages(cpu, 4, 32 + 128, 256, 2) == 2  # 80 KB per stage: one in flight besides the current
-    assert fit_stages(cpu, 3, 32 + 512, 256, 2) == 1  # larger than the whole budget: no pipelining
+    assert fit_stages(cpu, 4, 32, 32, 128, 2) == 4  # 16 KB per stage
+    assert fit_stages(cpu, 4, 32, 64, 256, 2) == 2  # 48 KB per stage: one in flight besides the current
+    assert fit_stages(cpu, 4, 64, 128, 256, 2) == 1  # 96 KB per stage, 40 KB kept free: no pipelining
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------
