@@ -4,12 +4,12 @@ A batch-1 denoise step multiplies 32-64 rows by every weight matrix: the time is
 weights from HBM, and what matters is keeping every SM's loads in flight to the end. The grid is
 ``(cdiv(N, BLOCK_N), SPLIT_K)``: each program reads a ``[BLOCK_N, K / SPLIT_K]`` slab of the weight in
 ``BLOCK_K`` steps (software-pipelined ``num_stages`` deep) against the whole of ``x`` (``BLOCK_M`` rows,
-read from L2). Weight tiles are loaded through a tensor descriptor (the copy engine on Hopper, TMA):
-one instruction per tile instead of one per thread and 16 bytes, and rows or columns past the end read
-as zeros, so the weight needs 16-byte aligned rows (``descriptor_compatible``). With ``SPLIT_K`` > 1 each split writes an fp32 partial; the split that arrives last for
-its column tile (an arrival counter per tile) sums the partials in split order and writes the output, so
-the result is deterministic and needs no second launch; the counter is re-armed for the next launch, so
-the kernel replays from a CUDA graph.
+read from L2). Weight tiles are loaded through a tensor descriptor (the copy engine on Hopper, TMA): one
+instruction per tile instead of one per thread and 16 bytes, and rows or columns past the end read as
+zeros, so the weight needs 16-byte aligned rows (``descriptor_compatible``). With ``SPLIT_K`` > 1 each
+split writes an fp32 partial; the split that arrives last for its column tile (an arrival counter per
+tile) sums the partials in split order and writes the output, so the result is deterministic and needs
+no second launch; the counter is re-armed for the next launch, so the kernel replays from a CUDA graph.
 
 ``skinny_gemm_reference`` is the plain torch computation (fp32 accumulation) it is tested against.
 """
