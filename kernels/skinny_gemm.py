@@ -126,6 +126,12 @@ def default_config(m: int, n: int, k: int, sm_count: int = 132) -> dict[str, int
     return {"block_n": block_n, "block_k": 256, "split_k": 1, "num_warps": 4, "num_stages": 4}
 
 
+def block_rows(m: int) -> int:
+    """Rows of the x tile (``BLOCK_M``) the skinny GEMM kernels use for ``m`` rows: the next power of two,
+    at least 16 (the smallest dot)."""
+    return max(16, triton.next_power_of_2(m))
+
+
 def fit_stages(
     device: torch.device, stages: int, block_m: int, block_n: int, block_k: int, itemsize: int
 ) -> int:
@@ -178,7 +184,7 @@ def skinny_gemm_triton(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    block_m = max(16, triton.next_power_of_2(m))
+    block_m = block_rows(m)
     stages = fit_stages(
         x.device, num_stages or config["num_stages"], block_m, block_n, block_k, x.element_size()
     )
@@ -213,6 +219,7 @@ def skinny_gemm_triton(
 
 __all__ = [
     "MAX_ROWS",
+    "block_rows",
     "default_config",
     "descriptor_compatible",
     "fit_stages",

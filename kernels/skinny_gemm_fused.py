@@ -23,7 +23,13 @@ import torch
 import triton
 import triton.language as tl
 from diffulex.kernels.fused_ops import rope_reference, silu_and_mul_reference
-from diffulex.kernels.skinny_gemm import MAX_ROWS, fit_stages, skinny_gemm_reference, weight_descriptor
+from diffulex.kernels.skinny_gemm import (
+    MAX_ROWS,
+    block_rows,
+    fit_stages,
+    skinny_gemm_reference,
+    weight_descriptor,
+)
 
 _SILU_MUL = tl.constexpr(0)
 _ROPE = tl.constexpr(1)
@@ -51,19 +57,19 @@ def _paired_gemm_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_valid = offs_m < M
+    # The first weight row of each of the program's two row blocks.
     if EPILOGUE == _SILU_MUL:
-        cols = tile * BLOCK_N + offs_n  # output columns = gate rows
-        n_valid = cols < first_rows
-        row_1 = cols
-        row_2 = first_rows + cols
-        start_1 = tile * BLOCK_N
-        start_2 = first_rows + start_1
+        start_1 = tile * BLOCK_N  # gate rows = output columns
+        start_2 = first_rows + start_1  # the same up rows
     else:
-        row_1 = tile * 2 * BLOCK_N + offs_n  # head `tile`: first half, then second half of its D rows
-        row_2 = row_1 + BLOCK_N
-        n_valid = offs_n < BLOCK_N
-        start_1 = tile * 2 * BLOCK_N
+        start_1 = tile * 2 * BLOCK_N  # head `tile`: first half, then second half of its D rows
         start_2 = start_1 + BLOCK_N
+    row_1 = start_1 + offs_n
+    row_2 = start_2 + offs_n
+    if EPILOGUE == _SILU_MUL:
+        n_valid = row_1 < first_rows  # the gate rows are the output columns
+    else:
+        n_valid = offs_n < BLOCK_N
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc_1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -80,7 +86,7 @@ def _paired_gemm_kernel(
     mask = m_valid[:, None] & n_valid[None, :]
     if EPILOGUE == _SILU_MUL:
         act = (first / (1.0 + tl.exp(-first))).to(out_ptr.dtype.element_ty).to(tl.float32)  # F.silu
-        tl.store(out_rows + cols[None, :], (act * second).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_rows + row_1[None, :], (act * second).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         if tile < first_rows:  # a q or k head: x * cos + rotate_half(x) * sin
             pos = tl.load(pos_ptr + offs_m, mask=m_valid, other=0).to(tl.float32)
@@ -148,7 +154,7 @@ def _launch(
 ) -> None:
     """One launch of ``_paired_gemm_kernel`` over ``grid`` programs (``positions``/``inv_freq``: RoPE only)."""
     m, k = x.shape
-    block_m = max(16, triton.next_power_of_2(m))
+    block_m = block_rows(m)
     num_stages = fit_stages(x.device, num_stages, block_m, 2 * block_n, block_k, x.element_size())
     _paired_gemm_kernel[(grid,)](
         x,
